@@ -1,0 +1,13 @@
+"""Command-line interface. Importing this package registers every command on `app`."""
+
+from __future__ import annotations
+
+from . import sample  # noqa: F401  (registers commands)
+from .app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

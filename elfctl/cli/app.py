@@ -1,0 +1,72 @@
+"""The Typer app and what every command shares: error handling and the console.
+
+Commands live one per module in this package and register themselves on `app`.
+They parse and validate, call the library, and print; they hold no maths.
+Heavy imports (torch, transformers) happen inside the commands so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from ..errors import UserError
+
+app = typer.Typer(
+    name="elfctl",
+    help="Train, sample, evaluate and convert ELF (Embedded Language Flows) models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+console = Console(stderr=True)  # human-facing output; stdout is kept for --json
+out = Console()  # machine-readable output (--json) and result tables
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn UserError into one sentence and exit 2; other errors into exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except UserError as e:
+            if _state["debug"]:
+                raise
+            fail(str(e), 2)
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+            if _state["debug"]:
+                raise
+            fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", 1)
+
+    return wrapper
+
+
+def is_terminal() -> bool:
+    return sys.stderr.isatty()

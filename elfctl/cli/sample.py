@@ -1,0 +1,1 @@
+"""`elfctl sample` (filled in by the sampler work)."""

@@ -1,0 +1,1 @@
+"""The offline test bed: a synthetic language, tasks and tiny local assets."""

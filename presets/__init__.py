@@ -1,0 +1,1 @@
+"""Preset YAML files, shipped inside the package as elfctl.presets."""

@@ -1,1 +1,128 @@
-"""`elfctl sample` (filled in by the sampler work)."""
+"""`elfctl sample`: draw samples from a checkpoint into a sample run directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from ..errors import UserError
+from .app import app, console, handle_errors, out
+from .progress import progress
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  elfctl sample --repo embedded-language-flows/ELF-B-owt-torch --steps 32\n\n"
+        "  elfctl sample --repo runs/tiny --num-samples 64 --out outputs/tiny\n\n"
+        "  elfctl sample --repo ckpts/checkpoint_95000 --preset owt-b --setting sde-64"
+    )
+)
+@handle_errors
+def sample(
+    repo: str = typer.Option(
+        ..., "--repo", help="Hub repo id, hub sub-path, local file or directory, or a run dir."
+    ),
+    preset: str = typer.Option(
+        None, "--preset", help="Preset for official checkpoints (tokenizer, sampling defaults)."
+    ),
+    setting: str = typer.Option(
+        None, "--setting", help="Named official sampling setting of the preset (default: first)."
+    ),
+    steps: int = typer.Option(None, "--steps", min=1, help="Sampling steps."),
+    sampler: str = typer.Option(None, "--sampler", help="ode or sde."),
+    gamma: float = typer.Option(None, "--gamma", min=0.0, help="SDE churn."),
+    sc_cfg: float = typer.Option(None, "--sc-cfg", help="Self-conditioning guidance scale."),
+    cfg: float = typer.Option(None, "--cfg", help="Classifier-free guidance scale."),
+    time_schedule: str = typer.Option(None, "--time-schedule", help="uniform or logit_normal."),
+    num_samples: int = typer.Option(None, "--num-samples", min=1, help="How many samples."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Samples per forward."),
+    length: int = typer.Option(None, "--length", min=1, help="Sequence length in tokens."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same device: same text)."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer hub id or local folder."),
+    out_dir: Path = typer.Option(None, "--out", help="Output directory (default outputs/...)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing sample run."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU), bf16 or fp32."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
+    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even if a GPU is present."),
+    json_out: bool = typer.Option(False, "--json", help="Print run.json on stdout."),
+) -> None:
+    """Sample texts from an ELF checkpoint (defaults: the preset's official settings)."""
+    import dataclasses
+
+    from accelerate import PartialState
+
+    from ..config import sampling_setting
+    from ..runs import SampleJob, load_for_sampling
+
+    if sampler is not None and sampler not in ("ode", "sde"):
+        raise UserError(f"--sampler must be ode or sde, got '{sampler}'.")
+    if time_schedule is not None and time_schedule not in ("uniform", "logit_normal"):
+        raise UserError(f"--time-schedule must be uniform or logit_normal, got '{time_schedule}'.")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
+    out_dir = out_dir or Path("outputs") / time.strftime("sample-%Y%m%d-%H%M%S")
+    _check_out_dir(out_dir, force)
+
+    device = PartialState(cpu=cpu).device
+    loaded = load_for_sampling(repo, preset, tokenizer, device)
+    base = sampling_setting(loaded.config, setting)
+    chosen = dataclasses.replace(
+        base,
+        **{
+            k: v
+            for k, v in dict(
+                steps=steps,
+                method=sampler,
+                gamma=gamma,
+                sc_cfg=sc_cfg,
+                cfg=cfg,
+                time_schedule=time_schedule,
+            ).items()
+            if v is not None
+        },
+    )
+    n = num_samples or chosen.num_samples
+    job = SampleJob(
+        setting=chosen,
+        num_samples=n,
+        length=length or chosen.length or loaded.config.data.max_length,
+        seed=seed,
+        batch_size=min(batch_size or chosen.batch_size, n),
+        precision=precision,
+        compile=compile,
+    )
+    console.print(
+        f"sampling {n} x {job.length} tokens from {repo} ({chosen.method.upper()}, "
+        f"{chosen.steps} steps, gamma {chosen.gamma}, SC-CFG {chosen.sc_cfg}, CFG {chosen.cfg}, "
+        f"{chosen.time_schedule} grid) on {device}",
+        highlight=False,
+    )
+    with progress("sampling", n, "samples") as advance:
+        info = job.run(loaded, out_dir, on_batch=advance)
+    _summarise(out_dir, info, json_out)
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if (out_dir / "samples.jsonl").exists() and not force:
+        raise UserError(f"{out_dir} already holds samples.jsonl; pass --force or another --out.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory.")
+
+
+def _summarise(out_dir: Path, info: dict, json_out: bool) -> None:
+    from .. import records
+
+    rows = records.read_samples(out_dir / "samples.jsonl")
+    console.print(
+        f"wrote {len(rows)} samples to {out_dir}/samples.jsonl in {info['wall_seconds']:.1f}s "
+        f"({info['samples_per_s']:.2f} samples/s, {info['dtype']} on {info['device']})",
+        highlight=False,
+    )
+    for row in rows[:3]:
+        console.print(f"  [dim]#{row['id']}[/] {row['text'][:200]}", highlight=False)
+    if json_out:
+        out.print_json(json.dumps(info))

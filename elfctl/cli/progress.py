@@ -1,0 +1,78 @@
+"""Progress reporting: a rich bar on a terminal, plain periodic lines in a log.
+
+A rich bar prints nothing to a non-terminal until it ends, so when stderr is not
+a terminal we write one readable line every `log_every_s` seconds instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from .app import console, is_terminal
+
+
+@contextlib.contextmanager
+def progress(
+    description: str,
+    total: int,
+    unit: str,
+    extra: Callable[[], str] | None = None,
+    log_every_s: float = 10.0,
+) -> Iterator[Callable[[int], None]]:
+    """Yield `advance(n)`; shows done/total, rate in `unit`/s, elapsed and remaining time.
+
+    `extra` returns a short status string (e.g. the latest loss) shown beside the bar.
+    """
+    start = time.perf_counter()
+    done = 0
+    if is_terminal():
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("<"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[extra]}"),
+        ]
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task(description, total=total, rate="", extra="")
+
+            def advance(n: int = 1) -> None:
+                nonlocal done
+                done += n
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                status = extra() if extra else ""
+                bar.update(task, advance=n, rate=f"{rate:.2f} {unit}/s", extra=status)
+
+            yield advance
+        return
+
+    last_log = start
+
+    def advance_plain(n: int = 1) -> None:
+        nonlocal done, last_log
+        done += n
+        now = time.perf_counter()
+        if now - last_log >= log_every_s or done >= total:
+            last_log = now
+            rate = done / max(now - start, 1e-9)
+            status = f" {extra()}" if extra else ""
+            console.print(
+                f"{description}: {done}/{total} ({rate:.2f} {unit}/s, {now - start:.0f}s){status}",
+                highlight=False,
+            )
+
+    yield advance_plain

@@ -1,0 +1,89 @@
+"""Pure tensor maths of the flow: time draws and grids, noising, x <-> v, solver steps.
+
+Time runs from t = 0 (pure noise) to t = 1 (clean data); `s` is the noise scale.
+Nothing here knows about models, configs or devices beyond the tensors it gets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def logit_normal(shape, p_mean: float, p_std: float, generator=None, device=None) -> torch.Tensor:
+    """sigmoid(N(p_mean, p_std)) draws."""
+    normal = torch.randn(shape, generator=generator, device=device)
+    return torch.sigmoid(normal * p_std + p_mean)
+
+
+def sample_time(
+    shape, schedule: str, p_mean: float, p_std: float, generator=None, device=None
+) -> torch.Tensor:
+    """Training time draws: logit-normal (the official default) or uniform."""
+    if schedule == "logit_normal":
+        return logit_normal(shape, p_mean, p_std, generator, device)
+    if schedule == "uniform":
+        return torch.rand(shape, generator=generator, device=device)
+    raise ValueError(f"unknown time schedule {schedule!r}")
+
+
+def time_grid(
+    steps: int,
+    schedule: str,
+    p_mean: float = -1.5,
+    p_std: float = 0.8,
+    generator=None,
+    device=None,
+) -> torch.Tensor:
+    """N steps -> N+1 increasing times from 0 to 1.
+
+    `uniform` is linspace; `logit_normal` is 0, N-1 sorted logit-normal draws, then 1
+    (a fresh random grid each call).
+    """
+    if schedule == "uniform":
+        return torch.linspace(0.0, 1.0, steps + 1, device=device)
+    if schedule == "logit_normal":
+        inner = logit_normal((steps - 1,), p_mean, p_std, generator, device).sort().values
+        ends = torch.tensor([0.0, 1.0], device=device)
+        return torch.cat([ends[:1], inner, ends[1:]])
+    raise ValueError(f"unknown time schedule {schedule!r}")
+
+
+def add_noise(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, s: float) -> torch.Tensor:
+    """z_t = t x + (1 - t) s eps, with t broadcast per row: (B,) against (B, S, C)."""
+    t = _rows(t, x)
+    return t * x + (1 - t) * s * eps
+
+
+def velocity(x_hat: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_eps: float) -> torch.Tensor:
+    """v = (x_hat - z) / max(1 - t, t_eps): the velocity implied by an x-prediction."""
+    return (x_hat - z) / (1 - _rows(t, z)).clamp_min(t_eps)
+
+
+def ode_step(z: torch.Tensor, v: torch.Tensor, t, t_next) -> torch.Tensor:
+    """Euler: z <- z + (t_next - t) v."""
+    return z + (t_next - t) * v
+
+
+def sde_back(
+    z: torch.Tensor, t, t_next, gamma: float, s: float, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The churn half of an SDE step: go back in time by re-noising.
+
+    h = t_next - t, alpha = clip(1 - gamma h, 0, 1), t_back = alpha t,
+    z_back = alpha z + (1 - alpha) s eps. The caller then takes an Euler step from
+    (z_back, t_back) to t_next with the velocity evaluated at z_back.
+    """
+    alpha = (1 - gamma * (t_next - t)).clamp(0.0, 1.0)
+    return alpha * z + (1 - alpha) * s * eps, alpha * t
+
+
+def log_uniform_shifted(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """SC-CFG scale draw: w = a (b/a)^u - 1 with a = 1 + lo, b = 1 + hi, u ~ U(0, 1)."""
+    a, b = 1.0 + lo, 1.0 + hi
+    return a * (b / a) ** u - 1.0
+
+
+def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(t) or t.dim() == 0:
+        return t
+    return t.reshape(-1, *([1] * (like.dim() - 1)))

@@ -1,0 +1,184 @@
+"""Sample runs: checkpoint + tokenizer + settings -> a directory with samples.jsonl and run.json.
+
+`elfctl sample` and `elfctl eval` are thin layers over `SampleJob.run`.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__, records
+from .checkpoints import Checkpoint, build_model, load_checkpoint
+from .config import Config, SamplingSetting, resolve
+from .errors import UserError
+from .model import size_name
+from .sampler import Condition, generate
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    config: Config
+    checkpoint: Checkpoint
+
+
+def load_for_sampling(
+    source: str,
+    preset: str | None = None,
+    tokenizer: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """The EMA model, its tokenizer and the config that describes it.
+
+    Our own checkpoints carry their config; official ones take it from `preset`
+    (default: the built-in defaults, i.e. T5-small and the OWT sampling settings),
+    with the architecture read off the tensors.
+    """
+    from .encoder import load_tokenizer
+
+    ckpt = load_checkpoint(source)
+    if ckpt.config is not None:
+        config = ckpt.config
+        if preset:
+            config = _with_preset_sampling(config, preset)
+    else:
+        config = resolve(preset)
+        config.model = ckpt.model_config
+    model = build_model(ckpt.state_dict, config.model, source).to(device).eval()
+    model.requires_grad_(False)
+    tok = load_tokenizer(tokenizer or config.encoder.tokenizer)
+    if len(tok) != config.model.vocab_size:
+        raise UserError(
+            f"The checkpoint's vocabulary has {config.model.vocab_size} entries but the tokenizer "
+            f"'{tokenizer or config.encoder.tokenizer}' has {len(tok)}; pass the matching "
+            "--tokenizer."
+        )
+    return LoadedModel(model, tok, config, ckpt)
+
+
+def _with_preset_sampling(config: Config, preset: str) -> Config:
+    config.sampling = resolve(preset).sampling
+    return config
+
+
+@dataclass
+class SampleJob:
+    """Everything that defines a sample run (recorded verbatim in run.json)."""
+
+    setting: SamplingSetting
+    num_samples: int
+    length: int
+    seed: int = 0
+    batch_size: int = 32
+    precision: str = "auto"
+    compile: bool = False
+    conditions: list[str] | None = None  # source texts, for conditional models
+    references: list[str | None] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def run(
+        self,
+        loaded: LoadedModel,
+        out_dir: Path,
+        on_batch: Callable[[int], None] | None = None,
+        condition: Condition | None = None,
+    ) -> dict:
+        """Sample, then write samples.jsonl and run.json into `out_dir`; returns run.json."""
+        s = self.setting
+        device = next(loaded.model.parameters()).device
+        start = time.perf_counter()
+        result = generate(
+            loaded.model,
+            loaded.tokenizer,
+            steps=s.steps,
+            method=s.method,
+            gamma=s.gamma,
+            sc_cfg=s.sc_cfg,
+            cfg=s.cfg,
+            time_schedule=s.time_schedule,
+            noise_scale=s.noise_scale,
+            num_samples=self.num_samples,
+            length=self.length,
+            seed=self.seed,
+            condition=condition,
+            batch_size=self.batch_size,
+            precision=self.precision,
+            compile=self.compile,
+            on_batch=on_batch,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        rows = [
+            records.sample_row(
+                i,
+                text,
+                tokens=tokens,
+                condition=self.conditions[i] if self.conditions else None,
+                reference=self.references[i] if self.references else None,
+                seed=self.seed,
+            )
+            for i, (text, tokens) in enumerate(zip(result.texts, result.tokens, strict=True))
+        ]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        records.write_samples(out_dir, rows)
+        info = self.describe(loaded, device, wall)
+        records.write_run_json(out_dir, info)
+        return info
+
+    def describe(self, loaded: LoadedModel, device: torch.device, wall: float) -> dict:
+        ckpt = loaded.checkpoint
+        return {
+            "elfctl_version": __version__,
+            "checkpoint": {
+                "path": ckpt.path,
+                "format": ckpt.format,
+                "step": ckpt.step,
+                "sha256": ckpt.sha256(),
+                "model": size_name(loaded.config.model),
+            },
+            "preset": loaded.config.name,
+            "tokenizer": loaded.config.encoder.tokenizer,
+            "sampler": {
+                "method": self.setting.method,
+                "steps": self.setting.steps,
+                "gamma": self.setting.gamma,
+                "cfg": self.setting.cfg,
+                "sc_cfg": self.setting.sc_cfg,
+                "time_schedule": self.setting.time_schedule,
+                "noise_scale": self.setting.noise_scale,
+                "setting": self.setting.name,
+            },
+            "num_samples": self.num_samples,
+            "length": self.length,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "device": str(device),
+            "device_name": _device_name(device),
+            "dtype": _dtype_name(device, self.precision),
+            "compile": self.compile,
+            "wall_seconds": round(wall, 3),
+            "samples_per_s": round(self.num_samples / max(wall, 1e-9), 4),
+            "meta": self.meta,
+            "setting_full": asdict(self.setting),
+        }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def _dtype_name(device: torch.device, precision: str) -> str:
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16-autocast" if bf16 else "fp32"
+    return "bf16-autocast" if precision == "bf16" else "fp32"

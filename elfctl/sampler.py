@@ -1,0 +1,237 @@
+"""Sampling (ELF_SPEC.md section 5): ODE/SDE loops, guidance, the final decode.
+
+The step loop has no host synchronisation: the time grid lives on the device,
+every per-step quantity is a tensor op, and nothing is read back until the
+tokens are decoded after the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import flow
+
+
+@dataclass
+class Condition:
+    """Encoded conditions for a batch: latents at condition positions, zero elsewhere."""
+
+    latents: torch.Tensor  # (B, S, C) clean latents (only condition positions are used)
+    mask: torch.Tensor  # (B, S) bool, True at condition positions
+    lengths: torch.Tensor  # (B,) kept condition length per row
+    max_input_length: int  # the condition budget; outputs have max_length - this tokens
+
+
+@dataclass
+class SamplerSettings:
+    steps: int = 32
+    method: str = "sde"  # "ode" | "sde"
+    gamma: float = 1.5
+    sc_cfg: float = 3.0
+    cfg: float = 1.0
+    time_schedule: str = "logit_normal"
+    noise_scale: float = 2.0
+    p_mean: float = -1.5
+    p_std: float = 0.8
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # per sample, eos and everything after it removed
+    texts: list[str]
+
+
+def autocast_context(device: torch.device, precision: str | None):
+    """bf16 autocast where supported ("auto": on CUDA with bf16, fp32 elsewhere)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in (None, "fp32", "no"):
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"unknown precision {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def denoise(
+    model,
+    z: torch.Tensor,
+    x_prev: torch.Tensor,
+    t: torch.Tensor,
+    sc_scale: torch.Tensor,
+    cfg_scale: float,
+    condition: Condition | None,
+    t_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model evaluation -> (x_hat, v), with CFG folded in as ONE batched forward.
+
+    z, x_prev (B, S, C); t, sc_scale (B,). Condition positions come back as
+    x_hat = condition, v = 0.
+    """
+    inputs = torch.cat([z, x_prev], dim=-1) if model.cfg.self_cond else z
+    guided = condition is not None and cfg_scale != 1.0
+    if guided:
+        # The unconditional branch sees zeros at the condition positions of z and x_prev.
+        keep = (~condition.mask)[..., None].to(inputs.dtype)
+        inputs = torch.cat([inputs, inputs * keep])
+        z_both = torch.cat([z, z * keep])
+        t, sc_scale = t.repeat(2), sc_scale.repeat(2)
+    else:
+        z_both = z
+    x_hat, _ = model(inputs, t, sc_scale=sc_scale, decode=False)
+    v = flow.velocity(x_hat, z_both, t, t_eps)
+    if guided:
+        x_c, x_u = x_hat.chunk(2)
+        v_c, v_u = v.chunk(2)
+        x_hat = x_u + cfg_scale * (x_c - x_u)
+        v = v_u + cfg_scale * (v_c - v_u)
+    if condition is not None:
+        mask = condition.mask[..., None]
+        x_hat = torch.where(mask, condition.latents, x_hat)
+        v = v.masked_fill(mask, 0.0)
+    return x_hat, v
+
+
+def restore(z: torch.Tensor, condition: Condition | None) -> torch.Tensor:
+    if condition is None:
+        return z
+    return torch.where(condition.mask[..., None], condition.latents, z)
+
+
+@torch.no_grad()
+def sample_latents(
+    model,
+    settings: SamplerSettings,
+    noise: torch.Tensor,
+    generator: torch.Generator | None = None,
+    condition: Condition | None = None,
+) -> torch.Tensor:
+    """Integrate from z = s * noise at t = 0 to t = 1; returns the final z (B, S, C).
+
+    All steps but the last use the chosen method; the last is always an ODE step.
+    """
+    device, B = noise.device, noise.shape[0]
+    s, t_eps = settings.noise_scale, model.cfg.t_eps
+    grid = flow.time_grid(
+        settings.steps, settings.time_schedule, settings.p_mean, settings.p_std, generator, device
+    )
+    sc_scale = torch.full((B,), float(settings.sc_cfg), device=device)
+    z = restore(s * noise, condition)
+    x_prev = restore(torch.zeros_like(z), condition)
+    for i in range(settings.steps):
+        t, t_next = grid[i], grid[i + 1]
+        if settings.method == "sde" and i < settings.steps - 1:
+            eps = torch.randn(z.shape, generator=generator, device=device)
+            z, t = flow.sde_back(z, t, t_next, settings.gamma, s, eps)
+            z = restore(z, condition)
+        elif settings.method not in ("sde", "ode"):
+            raise ValueError(f"unknown sampler {settings.method!r}")
+        x_hat, v = denoise(model, z, x_prev, t.expand(B), sc_scale, settings.cfg, condition, t_eps)
+        z = restore(flow.ode_step(z, v, t, t_next), condition)
+        x_prev = x_hat
+    return z
+
+
+@torch.no_grad()
+def decode(model, z: torch.Tensor, sc_cfg: float) -> torch.Tensor:
+    """Decode once at t = 1 from input [z, 0] with the decode gate on: (B, S) token ids."""
+    B = z.shape[0]
+    inputs = torch.cat([z, torch.zeros_like(z)], dim=-1) if model.cfg.self_cond else z
+    ones = torch.ones(B, device=z.device)
+    _, logits = model(inputs, ones, sc_scale=ones * sc_cfg, decode=True)
+    return logits.argmax(dim=-1)
+
+
+def mask_after_eos(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Everything from the first eos on (the eos included) becomes pad."""
+    after = (tokens == eos_id).cumsum(dim=-1) > 0
+    return tokens.masked_fill(after, pad_id)
+
+
+def shift_condition(tokens: torch.Tensor, condition: Condition, pad_id: int) -> torch.Tensor:
+    """Drop each row's condition prefix; keep max_length - max_input_length target tokens."""
+    S = tokens.shape[1]
+    out_len = S - condition.max_input_length
+    index = condition.lengths[:, None] + torch.arange(out_len, device=tokens.device)[None, :]
+    shifted = tokens.gather(1, index.clamp_max(S - 1))
+    return shifted.masked_fill(index >= S, pad_id)
+
+
+def strip_pad(row: list[int], pad_id: int) -> list[int]:
+    while row and row[-1] == pad_id:
+        row.pop()
+    return row
+
+
+def generate(
+    model,
+    tokenizer,
+    *,
+    steps: int = 32,
+    method: str = "sde",
+    gamma: float = 1.5,
+    sc_cfg: float = 3.0,
+    cfg: float = 1.0,
+    time_schedule: str = "logit_normal",
+    num_samples: int = 16,
+    length: int = 128,
+    seed: int = 0,
+    noise: torch.Tensor | None = None,
+    condition: Condition | None = None,
+    noise_scale: float = 2.0,
+    batch_size: int | None = None,
+    precision: str | None = "auto",
+    compile: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> Generation:
+    """Sample `num_samples` texts. An explicit `noise` (B, S, C) fixes the start exactly.
+
+    With a condition, `num_samples` and `length` come from it and outputs are the
+    target part only. Samples depend on (seed, batch_size, device).
+    """
+    device = next(model.parameters()).device
+    settings = SamplerSettings(steps, method, gamma, sc_cfg, cfg, time_schedule, noise_scale)
+    C = model.cfg.latent_dim
+    if noise is not None:
+        num_samples, length = noise.shape[0], noise.shape[1]
+    if condition is not None:
+        num_samples, length = condition.latents.shape[0], condition.latents.shape[1]
+    batch_size = batch_size or num_samples
+    generator = torch.Generator(device=device).manual_seed(seed)
+    net = torch.compile(model) if compile else model
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1
+
+    all_tokens: list[list[int]] = []
+    for start in range(0, num_samples, batch_size):
+        end = min(start + batch_size, num_samples)
+        if noise is not None:
+            eps = noise[start:end].to(device=device, dtype=torch.float32)
+        else:
+            eps = torch.randn(end - start, length, C, generator=generator, device=device)
+        cond = _slice_condition(condition, start, end, device)
+        with autocast_context(device, precision):
+            z = sample_latents(net, settings, eps, generator, cond)
+            tokens = decode(net, z, sc_cfg)
+        if cond is not None:
+            tokens = shift_condition(tokens, cond, pad_id)
+        tokens = mask_after_eos(tokens, eos_id, pad_id)
+        all_tokens.extend(strip_pad(row, pad_id) for row in tokens.tolist())
+        if on_batch is not None:
+            on_batch(end - start)
+    texts = tokenizer.batch_decode(all_tokens, skip_special_tokens=True)
+    return Generation(tokens=all_tokens, texts=[t.strip() for t in texts])
+
+
+def _slice_condition(condition: Condition | None, start: int, end: int, device):
+    if condition is None:
+        return None
+    return Condition(
+        latents=condition.latents[start:end].to(device),
+        mask=condition.mask[start:end].to(device),
+        lengths=condition.lengths[start:end].to(device),
+        max_input_length=condition.max_input_length,
+    )

@@ -160,7 +160,9 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sampling: list[SamplingSetting] = field(default_factory=lambda: [SamplingSetting()])
+    sampling: list[SamplingSetting] = field(
+        default_factory=lambda: [SamplingSetting(name="sde-32")]
+    )
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 

@@ -16,6 +16,7 @@ when complete, so a crash never leaves a half-written file that looks finished.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -106,14 +107,17 @@ def samples_path(path: str | os.PathLike[str]) -> Path:
 def write_samples(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
     """Write `rows` as JSONL (one JSON object per line), atomically.
 
-    `path` may be a file or a sample run directory (then its samples.jsonl).
+    A `path` ending in .jsonl is the file itself; anything else is a sample run directory
+    (created if needed) and the rows go to its samples.jsonl.
     """
     lines = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise TypeError(f"sample row {i} is a {type(row).__name__}, not a dict")
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    return atomic_write_text(samples_path(path), "".join(lines))
+    path = Path(path)
+    target = path if path.suffix == ".jsonl" and not path.is_dir() else path / SAMPLES_FILE
+    return atomic_write_text(target, "".join(lines))
 
 
 def _normalise_row(raw: dict[str, Any], where: str, position: int) -> dict[str, Any]:
@@ -268,3 +272,43 @@ def read_metrics(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def metrics_record(
+    file: str | os.PathLike[str],
+    metric: str,
+    values: dict[str, Any],
+    *,
+    scorer: str,
+    n: int,
+    **settings: Any,
+) -> dict[str, Any]:
+    """One metrics.jsonl line: file, metric, values, scorer, n, time, plus scoring settings.
+
+    Non-finite floats (e.g. the perplexity of a file of empty samples) become null so
+    the line stays valid JSON.
+    """
+    from datetime import datetime, timezone
+
+    from . import __version__
+
+    return {
+        "file": str(file),
+        "metric": metric,
+        "values": _json_safe(values),
+        "scorer": scorer,
+        "n": n,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "elfctl_version": __version__,
+        **_json_safe(settings),
+    }
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj

@@ -41,6 +41,12 @@ def test_a_run_directory_stands_for_its_samples_file(tmp_path):
     assert records.read_samples(tmp_path)[0]["text"] == "x"
 
 
+def test_write_samples_to_a_new_path_without_jsonl_suffix_makes_a_run_directory(tmp_path):
+    written = records.write_samples(tmp_path / "new_run", [{"id": 0, "text": "x"}])
+    assert written == tmp_path / "new_run" / records.SAMPLES_FILE
+    assert records.write_samples(tmp_path / "a.jsonl", []) == tmp_path / "a.jsonl"
+
+
 def test_official_port_rows_are_read_as_text(tmp_path):
     path = tmp_path / "official.jsonl"
     path.write_text('{"id": 3, "generated": "hello world"}\n{"id": 4, "generated": ""}\n')

@@ -151,8 +151,10 @@ class MuonAdam(torch.optim.Optimizer):
       `input_major` flag makes it cols/rows for the raw (in, out) kernels.
     * Precision: Newton-Schulz runs in fp32 here by default (`ns_dtype="bfloat16"` gives
       torch's choice), bf16 in torch; norm eps 1e-8 vs 1e-7. On GPUs,
-      `torch.set_float32_matmul_precision("high")` makes the fp32 iteration use TF32 like
-      JAX's default matmul precision, which the reference ran with.
+      `torch.set_float32_matmul_precision("high")` makes the fp32 iteration use TF32, as
+      JAX's default fp32 matmul precision does on such GPUs (presumably how the reference
+      ran; not verified).
+    * Defaults: torch.optim.Muon decays weights by 0.1 unless told otherwise; here 0.
     * torch.optim.Muon has no Adam fallback for non-matrix parameters.
     """
 

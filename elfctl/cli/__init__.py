@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import sample  # noqa: F401  (registers commands)
 from . import score  # noqa: F401
+from . import convert  # noqa: F401
 from .app import app
 
 

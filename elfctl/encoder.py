@@ -49,11 +49,20 @@ def _looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "*.model", "vocab.*")
+
+
 def load_tokenizer(name_or_path: str):
     """The Hugging Face tokenizer (hub id, local folder or `testbed:` URI). V = len(tokenizer)."""
     from transformers import AutoTokenizer
 
     source = resolve_pretrained_source(name_or_path)
+    folder = Path(source)
+    if folder.is_dir() and not any(any(folder.glob(p)) for p in _TOKENIZER_FILES):
+        # Some transformers versions quietly build a default tokenizer from an empty folder.
+        raise UserError(
+            f"Could not load tokenizer '{name_or_path}': the folder has no tokenizer files."
+        )
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -119,6 +128,11 @@ class FrozenEncoder(nn.Module):
         if attention_mask_2d is not None and pair_mask is not None:
             raise ValueError("give either attention_mask_2d or pair_mask, not both")
         if pair_mask is not None:
+            if pair_masks_unsupported():
+                raise UserError(
+                    f"Conditional data needs transformers >= 5.0 (found {_transformers_version()}):"
+                    " earlier T5 encoders take no per-pair attention mask."
+                )
             mask = t5_attention_mask(pair_mask, self.t5.config._attn_implementation, self.t5.dtype)
         elif attention_mask_2d is not None:
             mask = attention_mask_2d.long()
@@ -126,6 +140,17 @@ class FrozenEncoder(nn.Module):
             mask = None
         hidden = self.t5(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, S, C)
         return (hidden.float() - self.latent_mean) / self.latent_std
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def pair_masks_unsupported() -> bool:
+    """True for transformers < 5, whose T5 encoder reads only a 2-D padding mask."""
+    return int(_transformers_version().split(".")[0]) < 5
 
 
 def t5_attention_mask(

@@ -58,6 +58,7 @@ class DataConfig:
     split: str = "train"
     validation_split: str = "validation"
     text_field: str = "text"  # raw-text sources (.jsonl / .txt)
+    text_mode: Literal["line", "file"] = "line"  # .txt: one example per line, or per file
     source_field: str = "input"  # raw conditional sources
     target_field: str = "target"
     conditional: bool = False

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from . import sample  # noqa: F401  (registers commands)
-from . import score  # noqa: F401
-from . import convert  # noqa: F401
+from . import (
+    convert,  # noqa: F401
+    sample,  # noqa: F401  (registers commands)
+    score,  # noqa: F401
+    train,  # noqa: F401
+)
 from .app import app
 
 

@@ -1,0 +1,123 @@
+"""`elfctl train`: train or resume a run from a preset or a config file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ..config import preset_names
+from .app import app, console, handle_errors, out
+
+
+def _train_help() -> str:
+    return (
+        "Train an ELF model from a preset or config file; re-running resumes the run.\n\n"
+        f"Presets: {', '.join(preset_names())}."
+    )
+
+
+@app.command(
+    help=_train_help(),
+    epilog=(
+        "Examples:\n\n"
+        "  elfctl train --preset tiny\n\n"
+        "  elfctl train --preset owt-b --run-dir runs/owt-b --set train.micro_batch=64\n\n"
+        "  accelerate launch --num_processes 2 -m elfctl train --preset tiny --cpu\n\n"
+        "  elfctl train --preset xsum-b --print-config"
+    ),
+)
+@handle_errors
+def train(
+    preset: str = typer.Option(None, "--preset", help=f"One of: {', '.join(preset_names())}."),
+    config_file: Path = typer.Option(None, "--config", help="A YAML config file."),
+    sets: list[str] = typer.Option(
+        None, "--set", help="Override a config value: dotted.key=value (repeatable)."
+    ),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default runs/<name>)."),
+    max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after this many steps."),
+    resume: str = typer.Option(
+        "auto", "--resume", help="auto (newest checkpoint in the run dir), never, or a path."
+    ),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the config and exit."),
+    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is present."),
+    mixed_precision: str = typer.Option(
+        None, "--mixed-precision", help="no or bf16 (default: Accelerate's config)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    from ..config import dump_yaml, resolve
+    from ..errors import UserError
+
+    if preset is None and config_file is None:
+        raise UserError(
+            f"Give --preset NAME or --config FILE (presets: {', '.join(preset_names())})."
+        )
+    cfg = resolve(preset, config_file, {"train.max_steps": max_steps}, sets)
+    if print_config:
+        out.print(dump_yaml(cfg), highlight=False, soft_wrap=True)
+        return
+    if mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise UserError(f"--mixed-precision must be no or bf16, got '{mixed_precision}'.")
+
+    from ..train import Trainer, make_accelerator
+
+    accelerator = make_accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    run_dir = run_dir or Path("runs") / cfg.name
+    trainer = Trainer(cfg, run_dir, accelerator, resume)
+    main = accelerator.is_main_process
+    if main:
+        where = f"resuming from step {trainer.step}" if trainer.resume_from else "starting"
+        console.print(
+            f"{cfg.name}: {where} in {run_dir}; {trainer.total_steps} steps of "
+            f"{cfg.train.global_batch} x {cfg.data.max_length} tokens "
+            f"({trainer.micro} per device x {accelerator.num_processes} processes x "
+            f"{trainer.accum} accumulation) on {accelerator.device}",
+            highlight=False,
+        )
+    result = _fit_with_progress(trainer) if main else trainer.fit()
+    if main:
+        rec = result.last_record or {}
+        console.print(
+            f"done: step {result.step} in {result.seconds:.0f}s, loss {rec.get('loss', 0):.4f} "
+            f"(l2 {rec.get('l2', 0):.4f}, ce {rec.get('ce', 0):.4f}); "
+            f"checkpoints in {run_dir}/checkpoints",
+            highlight=False,
+        )
+        if json_out:
+            out.print_json(
+                json.dumps(
+                    {
+                        "run_dir": str(run_dir),
+                        "step": result.step,
+                        "seconds": result.seconds,
+                        "last": rec,
+                    }
+                )
+            )
+
+
+def _fit_with_progress(trainer):
+    from .progress import progress
+
+    latest = {}
+
+    def status() -> str:
+        if not latest:
+            return ""
+        r = latest
+        return (
+            f"loss {r['loss']:.3f} l2 {r['l2']:.3f} ce {r['ce']:.3f} lr {r['lr']:.2e} "
+            f"{r['tokens_per_s']:.0f} tok/s"
+        )
+
+    remaining = trainer.total_steps - trainer.step
+    with progress("training", remaining, "steps", extra=status) as advance:
+
+        def on_step(report) -> None:
+            if report.record is not None:
+                latest.update(report.record)
+            advance(1)
+
+        return trainer.fit(on_step)

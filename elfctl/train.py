@@ -1,0 +1,473 @@
+"""The training loop on Hugging Face Accelerate (ELF_SPEC.md section 4).
+
+One optimiser step = one global batch = per-device micro-batches x processes x
+accumulation. Every micro-batch's loss is divided by the global number of
+loss-mask tokens, so accumulation and data parallelism keep the objective's
+single denominator. The data order is a pure function of (seed, epoch), and a
+checkpoint stores where in it training stands plus every RNG state, so a resumed
+run continues exactly where the checkpoint left it.
+
+Run directory:
+    config.yaml            the resolved config
+    train_log.jsonl        one line per logged step
+    checkpoints/step_N/    model.safetensors (EMA weights), config.yaml, meta.json,
+                           training_state/ (raw weights, optimiser, scheduler, RNG)
+    samples/step_N.jsonl   periodic samples from the EMA weights
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import records
+from .checkpoints import WEIGHTS_FILE, list_step_dirs, save_model_checkpoint
+from .config import Config, dump_yaml, from_dict, to_dict
+from .errors import UserError
+
+# Config sections that may differ between a run and its resumption.
+RESUMABLE_CHANGES = {
+    "train.max_steps",
+    "train.max_minutes",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.sample_every",
+    "train.sample_count",
+    "train.epochs",
+    "train.compile",
+    "description",
+}
+
+
+@dataclass
+class StepReport:
+    step: int
+    total_steps: int
+    record: dict | None = None  # set on logging steps
+    checkpoint: Path | None = None
+    samples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    resumed_from: int | None
+    seconds: float
+    last_record: dict | None
+
+
+def plan_batches(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(micro-batch per device, accumulation steps) for the configured global batch."""
+    G = cfg.train.global_batch
+    micro = cfg.train.micro_batch or max(1, G // world_size)
+    if G % (micro * world_size):
+        raise UserError(
+            f"train.global_batch {G} is not a multiple of train.micro_batch {micro} x "
+            f"{world_size} processes."
+        )
+    return micro, G // (micro * world_size)
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, resume: str) -> Path | None:
+    """Check the run directory against the config; return the checkpoint to resume from."""
+    checkpoints = list_step_dirs(run_dir / "checkpoints")
+    saved_config = run_dir / "config.yaml"
+    if resume not in ("auto", "never"):
+        path = Path(resume)
+        if not (path / "meta.json").is_file() or not (path / "training_state").is_dir():
+            raise UserError(f"--resume {resume} is not a complete training checkpoint directory.")
+        return path
+    if resume == "never" and (checkpoints or saved_config.exists()):
+        raise UserError(
+            f"{run_dir} already holds a run; resume it with --resume auto or choose a new "
+            "--run-dir."
+        )
+    if saved_config.exists():
+        import yaml
+
+        _check_same_run(from_dict(yaml.safe_load(saved_config.read_text())), cfg, run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _check_same_run(saved: Config, cfg: Config, run_dir: Path) -> None:
+    old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if key in RESUMABLE_CHANGES or key.startswith("sampling"):
+            continue
+        if old.get(key) != new.get(key):
+            raise UserError(
+                f"{run_dir} was trained with {key}={old.get(key)!r}, not {new.get(key)!r}; "
+                "use a new --run-dir or the original settings."
+            )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "paper":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class Trainer:
+    """Holds the pieces of a run; `fit` runs the loop. Only the main process writes."""
+
+    def __init__(self, cfg: Config, run_dir: Path, accelerator, resume: str = "auto"):
+        from .data import Collator, EpochShuffler, load_rows
+        from .encoder import load_encoder, load_tokenizer
+        from .model import ELF
+        from .optim import (
+            EMA,
+            build_optimizer,
+            build_scheduler,
+            learning_rate,
+            resolve_warmup_steps,
+        )
+
+        self.cfg, self.run_dir, self.acc = cfg, Path(run_dir), accelerator
+        self.device = accelerator.device
+        self.micro, self.accum = plan_batches(cfg, accelerator.num_processes)
+
+        self.resume_from = prepare_run_dir(self.run_dir, cfg, resume)
+        self.tokenizer = load_tokenizer(cfg.encoder.tokenizer)
+        if len(self.tokenizer) != cfg.model.vocab_size:
+            raise UserError(
+                f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer "
+                f"'{cfg.encoder.tokenizer}' has {len(self.tokenizer)} entries."
+            )
+        self.encoder = load_encoder(cfg.encoder, self.device)
+        if self.encoder.width != cfg.model.latent_dim:
+            raise UserError(
+                f"model.latent_dim is {cfg.model.latent_dim} but the encoder "
+                f"'{cfg.encoder.encoder}' has width {self.encoder.width}."
+            )
+        self.rows = load_rows(cfg.data.train, cfg.data, self.tokenizer, cfg.data.split)
+        self.collate = Collator.for_tokenizer(cfg.data, self.tokenizer)
+        n_rows = len(self.rows)
+        if n_rows < cfg.train.global_batch:
+            raise UserError(
+                f"The training data has {n_rows} rows, fewer than one global batch "
+                f"({cfg.train.global_batch})."
+            )
+        self.shuffler = EpochShuffler(
+            n_rows, cfg.train.seed, accelerator.process_index, accelerator.num_processes
+        )
+        self.steps_per_epoch = n_rows // cfg.train.global_batch
+        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
+
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every process
+        model = ELF(cfg.model).to(self.device)
+        self.ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
+        optimizer = build_optimizer(
+            model, cfg.optim, learning_rate(cfg.optim, cfg.train.global_batch)
+        )
+        warmup = resolve_warmup_steps(cfg.optim, self.steps_per_epoch)
+        self.scheduler = build_scheduler(optimizer, warmup, self.total_steps, cfg.optim.schedule)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.raw_model = model
+        self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.step, self.epoch, self.position = 0, 0, 0
+        # Per-rank training randomness, independent of the (shared) init seed.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.train.seed * 1000 + 17 + accelerator.process_index)
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+
+    # -- one optimiser step ----------------------------------------------------------
+
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        batches = []
+        stream = self.shuffler.batches(self.micro, self.epoch, self.position)
+        for _ in range(self.accum):
+            indices, self.epoch, self.position = next(stream)
+            columns = self.rows[indices]  # {column: [value per row]}
+            as_rows = [{name: columns[name][i] for name in columns} for i in range(len(indices))]
+            batch = self.collate(as_rows)
+            batches.append({k: v.to(self.device) for k, v in batch.items()})
+        return batches
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        from .objective import draw, elf_loss, encode_batch
+
+        cfg = self.cfg
+        batches = self._micro_batches()
+        tokens = sum(b["loss_mask"].sum() for b in batches).float()
+        global_tokens = self.acc.reduce(tokens, reduction="sum").clamp_min(1)
+        # DDP averages gradients over processes; multiply back so the denominator is global.
+        denominator = global_tokens / self.acc.num_processes
+        sums = torch.zeros(4, device=self.device)
+        self.model.train()
+        for i, batch in enumerate(batches):
+            B, S = batch["input_ids"].shape
+            draws = draw(B, S, cfg.model.latent_dim, cfg.objective, self.device, self.generator)
+            x = encode_batch(self.encoder, batch, draws.drop_condition, cfg.data.conditional)
+            sync = i == len(batches) - 1
+            with self.acc.autocast(), _maybe_no_sync(self.acc, self.model, sync):
+                parts = elf_loss(
+                    self.forward_model,
+                    x,
+                    batch["input_ids"],
+                    batch["cond_seq_mask"],
+                    batch["loss_mask"],
+                    draws,
+                    cfg.objective,
+                    cfg.model.t_eps,
+                    denominator=denominator,
+                    no_grad_model=self.raw_model,
+                )
+                self.acc.backward(parts.loss)
+            sums += torch.stack([parts.ce_sum, parts.l2_sum, parts.ce_tokens, parts.l2_tokens])
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.ema.update(self.raw_model)
+        self.step += 1
+        return {"sums": sums, "grad_norm": torch.as_tensor(grad_norm, device=self.device)}
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def fit(self, on_step: Callable[[StepReport], None] | None = None) -> TrainResult:
+        cfg, acc = self.cfg, self.acc
+        resumed_from = self.step if self.resume_from is not None else None
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            records.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+            self._trim_log()
+        start = time.perf_counter()
+        window_start, window_steps = time.perf_counter(), 0
+        window = torch.zeros(4, device=self.device)
+        grad_norm = torch.zeros((), device=self.device)
+        last_record = None
+        seq_tokens = cfg.train.global_batch * cfg.data.max_length
+        while self.step < self.total_steps:
+            out = self.train_step()
+            window += out["sums"]
+            grad_norm = out["grad_norm"]
+            window_steps += 1
+            report = StepReport(self.step, self.total_steps)
+            out_of_time = self._out_of_time(start)
+            done = self.step >= self.total_steps or out_of_time
+            if self.step % cfg.train.log_every == 0 or done:
+                totals = acc.reduce(window.clone(), reduction="sum")
+                elapsed = time.perf_counter() - window_start
+                last_record = self._record(totals, grad_norm, window_steps, elapsed, seq_tokens)
+                report.record = last_record
+                if acc.is_main_process:
+                    _append_jsonl(self.run_dir / "train_log.jsonl", last_record)
+                window.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            if self.step % cfg.train.checkpoint_every == 0 or done:
+                report.checkpoint = self.save()
+            if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                report.samples = self.sample_now()
+            if on_step is not None:
+                on_step(report)
+            if out_of_time:
+                break
+        return TrainResult(
+            self.run_dir, self.step, resumed_from, time.perf_counter() - start, last_record
+        )
+
+    def _out_of_time(self, start: float) -> bool:
+        if self.cfg.train.max_minutes is None:
+            return False
+        late = time.perf_counter() - start > 60 * self.cfg.train.max_minutes
+        flag = torch.tensor([1.0 if late else 0.0], device=self.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)  # all ranks agree
+
+    def _record(self, totals, grad_norm, steps, elapsed, seq_tokens) -> dict:
+        ce_sum, l2_sum, ce_tok, l2_tok = totals.tolist()
+        return {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "loss": (ce_sum + l2_sum) / max(ce_tok + l2_tok, 1),
+            "l2": l2_sum / max(l2_tok, 1),
+            "ce": ce_sum / max(ce_tok, 1),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": steps * seq_tokens / max(elapsed, 1e-9),
+            "steps_per_s": steps / max(elapsed, 1e-9),
+            "time": time.time(),
+        }
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Write checkpoints/step_N atomically; every process saves its own RNG state."""
+        acc = self.acc
+        name = f"step_{self.step:08d}"
+        staging = self.run_dir / "checkpoints" / f".staging-{name}"
+        if acc.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rank = acc.process_index
+        _atomic_torch_save(
+            {"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
+            staging / f"rng_rank{rank}.pt",
+        )
+        acc.wait_for_everyone()
+        target = self.run_dir / "checkpoints" / name
+        if acc.is_main_process:
+            raw = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+            torch.save(raw, staging / "model_raw.pt")
+            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), staging / "scheduler.pt")
+            torch.save(self.ema.state_dict()["num_updates"], staging / "ema_updates.pt")
+            meta = {"epoch": self.epoch, "position": self.position, "world_size": acc.num_processes}
+            (staging / "trainer.json").write_text(json.dumps(meta))
+            save_model_checkpoint(
+                target,
+                self.ema.averaged_state_dict(self.raw_model),
+                self.cfg,
+                self.step,
+                extra_meta={"epoch": self.step / self.steps_per_epoch, "data": meta},
+                extra_files={"training_state": staging},
+            )
+            self._apply_retention()
+        acc.wait_for_everyone()
+        return target
+
+    def _apply_retention(self) -> None:
+        keep = max(1, self.cfg.train.keep_checkpoints)
+        for old in list_step_dirs(self.run_dir / "checkpoints")[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _load(self, checkpoint: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = checkpoint / "training_state"
+        trainer = json.loads((state / "trainer.json").read_text())
+        if trainer["world_size"] != self.acc.num_processes:
+            raise UserError(
+                f"{checkpoint} was written by {trainer['world_size']} processes; resume it with "
+                f"the same number (this run has {self.acc.num_processes})."
+            )
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        self.step, self.epoch, self.position = meta["step"], trainer["epoch"], trainer["position"]
+        raw = torch.load(state / "model_raw.pt", map_location=self.device, weights_only=True)
+        self.raw_model.load_state_dict(raw, strict=True)
+        self.optimizer.load_state_dict(
+            torch.load(state / "optimizer.pt", map_location=self.device, weights_only=True)
+        )
+        self.scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
+        ema_weights = load_file(str(checkpoint / WEIGHTS_FILE), device=str(self.device))
+        self.ema.load_state_dict(
+            {
+                "shadow": {k: ema_weights[k] for k in self.ema.shadow},
+                "num_updates": torch.load(state / "ema_updates.pt", weights_only=True),
+                "decay": self.ema.decay,
+                "warmup": self.ema.warmup,
+            }
+        )
+        rng = torch.load(state / f"rng_rank{self.acc.process_index}.pt", weights_only=True)
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+
+    def _trim_log(self) -> None:
+        """Drop log lines past the resumed step: those steps will be trained again."""
+        log = self.run_dir / "train_log.jsonl"
+        if not log.exists():
+            return
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        records.atomic_write_text(log, "".join(kept))
+
+    # -- samples -----------------------------------------------------------------------
+
+    def sample_now(self) -> list[str]:
+        """A few samples from the EMA weights into samples/step_N.jsonl (main process)."""
+        if not self.acc.is_main_process:
+            return []
+        from .model import ELF
+        from .sampler import generate
+
+        cfg = self.cfg
+        with torch.device("meta"):
+            ema_model = ELF(cfg.model)
+        ema_model.load_state_dict(self.ema.averaged_state_dict(self.raw_model), assign=True)
+        ema_model.eval()
+        setting = cfg.sampling[0]
+        result = generate(
+            ema_model,
+            self.tokenizer,
+            steps=setting.steps,
+            method=setting.method,
+            gamma=setting.gamma,
+            sc_cfg=setting.sc_cfg,
+            cfg=1.0,
+            time_schedule=setting.time_schedule,
+            noise_scale=setting.noise_scale,
+            num_samples=cfg.train.sample_count,
+            length=setting.length or cfg.data.max_length,
+            seed=cfg.train.seed,
+            precision="auto",
+        )
+        rows = [
+            records.sample_row(i, t, tokens=k, seed=cfg.train.seed, meta={"step": self.step})
+            for i, (t, k) in enumerate(zip(result.texts, result.tokens, strict=True))
+        ]
+        records.write_samples(self.run_dir / "samples" / f"step_{self.step:08d}.jsonl", rows)
+        return result.texts
+
+
+def _maybe_no_sync(accelerator, model, sync: bool):
+    import contextlib
+
+    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    line = json.dumps(record) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def make_accelerator(cpu: bool = False, mixed_precision: str | None = None):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: str = "auto",
+    accelerator=None,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) a run; the library entry point behind `elfctl train`."""
+    accelerator = accelerator or make_accelerator()
+    return Trainer(cfg, Path(run_dir), accelerator, resume).fit(on_step)

@@ -127,7 +127,6 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, accelerator, resume: str = "auto"):
         from .data import Collator, EpochShuffler, load_rows
         from .encoder import load_encoder, load_tokenizer
-        from .model import ELF
         from .optim import (
             EMA,
             build_optimizer,
@@ -167,8 +166,7 @@ class Trainer:
         self.steps_per_epoch = n_rows // cfg.train.global_batch
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
 
-        torch.manual_seed(cfg.train.seed)  # same initial weights on every process
-        model = ELF(cfg.model).to(self.device)
+        model = self.initial_model().to(self.device)
         self.ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
         optimizer = build_optimizer(
             model, cfg.optim, learning_rate(cfg.optim, cfg.train.global_batch)
@@ -185,6 +183,13 @@ class Trainer:
         if self.resume_from is not None:
             self._load(self.resume_from)
 
+    def initial_model(self):
+        """The network before the first step (subclasses warm-start from other weights)."""
+        from .model import ELF
+
+        torch.manual_seed(self.cfg.train.seed)  # same initial weights on every process
+        return ELF(self.cfg.model)
+
     # -- one optimiser step ----------------------------------------------------------
 
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -198,35 +203,44 @@ class Trainer:
             batches.append({k: v.to(self.device) for k, v in batch.items()})
         return batches
 
-    def train_step(self) -> dict[str, torch.Tensor]:
+    def loss_denominator(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The global number of loss-mask tokens, divided by the processes whose
+        gradients DDP averages, so every micro-batch shares one denominator."""
+        tokens = sum(b["loss_mask"].sum() for b in batches).float()
+        global_tokens = self.acc.reduce(tokens, reduction="sum").clamp_min(1)
+        return global_tokens / self.acc.num_processes
+
+    def micro_loss(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor):
+        """The objective on one micro-batch -> objective.LossParts."""
         from .objective import draw, elf_loss, encode_batch
 
         cfg = self.cfg
+        B, S = batch["input_ids"].shape
+        draws = draw(B, S, cfg.model.latent_dim, cfg.objective, self.device, self.generator)
+        x = encode_batch(self.encoder, batch, draws.drop_condition, cfg.data.conditional)
+        return elf_loss(
+            self.forward_model,
+            x,
+            batch["input_ids"],
+            batch["cond_seq_mask"],
+            batch["loss_mask"],
+            draws,
+            cfg.objective,
+            cfg.model.t_eps,
+            denominator=denominator,
+            no_grad_model=self.raw_model,
+        )
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
         batches = self._micro_batches()
-        tokens = sum(b["loss_mask"].sum() for b in batches).float()
-        global_tokens = self.acc.reduce(tokens, reduction="sum").clamp_min(1)
-        # DDP averages gradients over processes; multiply back so the denominator is global.
-        denominator = global_tokens / self.acc.num_processes
+        denominator = self.loss_denominator(batches)
         sums = torch.zeros(4, device=self.device)
         self.model.train()
         for i, batch in enumerate(batches):
-            B, S = batch["input_ids"].shape
-            draws = draw(B, S, cfg.model.latent_dim, cfg.objective, self.device, self.generator)
-            x = encode_batch(self.encoder, batch, draws.drop_condition, cfg.data.conditional)
             sync = i == len(batches) - 1
             with self.acc.autocast(), _maybe_no_sync(self.acc, self.model, sync):
-                parts = elf_loss(
-                    self.forward_model,
-                    x,
-                    batch["input_ids"],
-                    batch["cond_seq_mask"],
-                    batch["loss_mask"],
-                    draws,
-                    cfg.objective,
-                    cfg.model.t_eps,
-                    denominator=denominator,
-                    no_grad_model=self.raw_model,
-                )
+                parts = self.micro_loss(batch, denominator)
                 self.acc.backward(parts.loss)
             sums += torch.stack([parts.ce_sum, parts.l2_sum, parts.ce_tokens, parts.l2_tokens])
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)

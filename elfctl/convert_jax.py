@@ -235,19 +235,31 @@ def find_checkpoint(path: Path) -> Source:
         return Source(path, "msgpack", _step_from_name(path))
     if not path.is_dir():
         raise UserError(f"Source {path} is neither a file nor a directory.")
-    if any((path / n).exists() for n in ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA")):
+    if _is_orbax_item(path):
         return Source(path, "orbax", _step_from_name(path))
+    # An Orbax CheckpointManager step folder holds its item one level down (e.g. default/).
+    items = [p for p in path.iterdir() if p.is_dir() and _is_orbax_item(p)]
+    if len(items) == 1 and not _CHECKPOINT_NAME.fullmatch(items[0].name):
+        return Source(items[0], "orbax", _step_from_name(path))
+    # Per-leaf arrays without a readable _METADATA.
+    if (path / "_CHECKPOINT_METADATA").exists() or any(path.glob("*/.zarray")):
+        return Source(path, "orbax", _step_from_name(path))
+    # checkpoint_<step> entries (flax), else <step> folders (an Orbax CheckpointManager).
     steps = {
         int(m.group(1)): entry
         for entry in path.iterdir()
         if (m := _CHECKPOINT_NAME.fullmatch(entry.name))
-    }
+    } or {int(entry.name): entry for entry in path.iterdir() if entry.name.isdigit()}
     if not steps:
         raise UserError(
             f"{path} is neither an Orbax checkpoint (no _METADATA or manifest.ocdbt) nor a "
             "folder of checkpoint_<step> entries."
         )
     return find_checkpoint(steps[max(steps)])
+
+
+def _is_orbax_item(path: Path) -> bool:
+    return any((path / name).exists() for name in ("_METADATA", "manifest.ocdbt"))
 
 
 def _step_from_name(path: Path) -> int | None:
@@ -297,8 +309,12 @@ def _unwrap(tree: dict[str, Any]) -> dict[str, Any]:
 # Orbax -------------------------------------------------------------------------------------
 
 
-def orbax_leaf_names(path: Path) -> list[tuple[str, ...]]:
-    """Every stored leaf as a key path, from `_METADATA` (else from the stored arrays)."""
+def orbax_leaf_names(path: Path) -> tuple[list[tuple[str, ...]], str]:
+    """Every stored leaf as a key path, and the zarr driver ("zarr" v2 or "zarr3").
+
+    The tree comes from `_METADATA`; without it (or in a format we do not know) the
+    stored arrays name themselves, their dotted path being the key path.
+    """
     meta_file = path / "_METADATA"
     if meta_file.is_file():
         try:
@@ -313,37 +329,39 @@ def orbax_leaf_names(path: Path) -> list[tuple[str, ...]]:
                 if value.get("skip_deserialize") or value.get("value_type") == "None":
                     continue  # None / empty leaves have no stored array
                 leaves.append(tuple(str(k["key"]) for k in entry["key_metadata"]))
-            return leaves
-    # Older or missing metadata: the stored zarr arrays name themselves.
-    return [tuple(name.split(".")) for name in _stored_arrays(path)]
+            return leaves, "zarr3" if meta.get("use_zarr3") else "zarr"
+    v2, v3 = _stored_arrays(path, ".zarray"), _stored_arrays(path, "zarr.json")
+    names, driver = (v3, "zarr3") if v3 and not v2 else (v2, "zarr")
+    return [tuple(name.split(".")) for name in names], driver
 
 
-def _stored_arrays(path: Path) -> list[str]:
+def _stored_arrays(path: Path, marker: str) -> list[str]:
+    """Dotted names of the arrays stored in the OCDBT store or the leaf folders."""
     if (path / "manifest.ocdbt").exists():
         import tensorstore as ts
 
         kv = ts.KvStore.open({"driver": "ocdbt", "base": _file_url(path)}).result()
         keys = [k.decode() for k in kv.list().result()]
-        return sorted(k[: -len("/.zarray")] for k in keys if k.endswith("/.zarray"))
-    return sorted(p.parent.name for p in path.glob("*/.zarray"))
+        return sorted(k[: -len(marker) - 1] for k in keys if k.endswith("/" + marker))
+    return sorted(p.parent.name for p in path.glob(f"*/{marker}"))
 
 
 def _file_url(path: Path) -> str:
     return "file://" + str(path.resolve()) + "/"
 
 
-def _zarr_spec(path: Path, dotted: str) -> dict[str, Any]:
+def _zarr_spec(path: Path, dotted: str, driver: str) -> dict[str, Any]:
     if (path / "manifest.ocdbt").exists():
         kvstore = {"driver": "ocdbt", "base": _file_url(path), "path": dotted + "/"}
     else:
         kvstore = {"driver": "file", "path": str((path / dotted).resolve()) + "/"}
-    return {"driver": "zarr", "kvstore": kvstore}
+    return {"driver": driver, "kvstore": kvstore}
 
 
 def read_orbax(path: Path, subtrees: tuple[str, ...], progress: Progress | None = None) -> JaxTree:
     import tensorstore as ts
 
-    leaves = orbax_leaf_names(path)
+    leaves, driver = orbax_leaf_names(path)
     top_level = sorted({leaf[0] for leaf in leaves})
     wanted = [leaf for leaf in leaves if leaf[0] in subtrees]
     if ("step",) in leaves:
@@ -359,7 +377,7 @@ def read_orbax(path: Path, subtrees: tuple[str, ...], progress: Progress | None 
     def submit(leaf: tuple[str, ...]) -> None:
         dotted = ".".join(leaf)
         try:
-            store = ts.open(_zarr_spec(path, dotted), context=context, open=True).result()
+            store = ts.open(_zarr_spec(path, dotted, driver), context=context, open=True).result()
         except Exception as e:  # noqa: BLE001
             raise UserError(f"Cannot open array '{dotted}' in {path} ({e}).") from None
         pending.append((leaf, store.read()))

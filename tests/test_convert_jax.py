@@ -272,8 +272,12 @@ def test_flax_to_bytes_output_converts(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- Orbax
 
 
-@pytest.mark.parametrize("ocdbt", [True, False], ids=["ocdbt", "per-leaf"])
-def test_orbax_checkpoint_written_by_orbax_converts_to_the_same_forward(tmp_path, ocdbt):
+@pytest.mark.parametrize(
+    "ocdbt, zarr3",
+    [(True, False), (False, False), (True, True)],
+    ids=["ocdbt", "per-leaf", "zarr3"],
+)
+def test_orbax_checkpoint_written_by_orbax_converts_to_the_same_forward(tmp_path, ocdbt, zarr3):
     ocp = pytest.importorskip("orbax.checkpoint")
     jnp = pytest.importorskip("jax.numpy")
     state = jax_state(step=900)
@@ -281,7 +285,8 @@ def test_orbax_checkpoint_written_by_orbax_converts_to_the_same_forward(tmp_path
     state["ema_params1"]["t_emb_tokens"] = jnp.asarray(
         state["ema_params1"]["t_emb_tokens"], jnp.bfloat16
     )
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt, use_zarr3=zarr3)
+    checkpointer = ocp.Checkpointer(handler)
     checkpointer.save(tmp_path / "run" / "checkpoint_900", state)
     result = convert_checkpoint(tmp_path / "run", tmp_path / "out", fmt="elfctl", preset=None)
     assert result.step == 900 and result.source_kind == "orbax"
@@ -289,6 +294,18 @@ def test_orbax_checkpoint_written_by_orbax_converts_to_the_same_forward(tmp_path
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert load_checkpoint(str(tmp_path / "out")).step == 900
     assert_forward_matches(tmp_path / "out", as_float32(flat_of(state, "ema_params1")))
+
+
+def test_orbax_checkpoint_manager_folder_converts_its_newest_step(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    manager = ocp.CheckpointManager(tmp_path / "run")
+    for seed, step in enumerate((10, 30, 20)):
+        manager.save(step, args=ocp.args.StandardSave(jax_state(seed, step)))
+    manager.wait_until_finished()
+    assert (tmp_path / "run" / "30" / "default" / "_METADATA").is_file()  # item one level down
+    result = convert_checkpoint(tmp_path / "run", tmp_path / "out")
+    assert result.step == 30
+    assert_forward_matches(tmp_path / "out", flat_of(jax_state(1, 30), "ema_params1"))
 
 
 @pytest.mark.parametrize("ocdbt", [True, False], ids=["ocdbt", "per-leaf"])
@@ -458,6 +475,28 @@ def test_cli_bad_input_exits_2_with_one_sentence(tmp_path):
     assert done.exit_code == 2
     assert "not a Flax msgpack checkpoint" in done.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fmt", ["official", "elfctl"])
+def test_converted_checkpoint_samples_with_elfctl_sample(tmp_path, fmt):
+    from tests.conftest import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(tmp_path / "tok")
+    cfg = ModelConfig(**{**CFG.__dict__, "vocab_size": len(tokenizer)})
+    ema = nest(random_elf_tree(cfg, seed=3))
+    (tmp_path / "ckpt.msgpack").write_bytes(flax_msgpack_bytes({"ema_params1": ema, "step": 8}))
+    runner = CliRunner()
+    done = runner.invoke(
+        app, ["convert-jax", str(tmp_path / "ckpt.msgpack"), str(tmp_path / "c"), "--format", fmt]
+    )
+    assert done.exit_code == 0, done.output
+    args = ["sample", "--repo", str(tmp_path / "c"), "--tokenizer", str(tmp_path / "tok")]
+    args += ["--num-samples", "2", "--length", "6", "--steps", "2", "--out", str(tmp_path / "s")]
+    sampled = runner.invoke(app, args)
+    assert sampled.exit_code == 0, sampled.output
+    rows = (tmp_path / "s" / "samples.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["checkpoint"]["step"] == 8
 
 
 # ----------------------------------------------------------------------------- T5 encoder

@@ -293,7 +293,7 @@ def read_checkpoint(
 def _to_float32(array: np.ndarray, dtypes: set[str]) -> np.ndarray:
     """Floating arrays (float32, bfloat16, ...) -> float32; anything else is left as it is."""
     array = np.asarray(array)
-    if array.dtype.kind in "fV" or array.dtype.name == "bfloat16":
+    if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
         dtypes.add(array.dtype.name)
         return array.astype(np.float32)  # a fresh, writable, owned array
     return array
@@ -897,7 +897,7 @@ def convert_t5_state(flat: dict[str, np.ndarray]) -> tuple[dict[str, Any], Any]:
             leftover.append(jax_name)
             continue
         array = np.asarray(array)
-        if array.dtype.kind not in "fV" and array.dtype.name != "bfloat16":
+        if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
             raise UserError(f"Encoder tensor {jax_name} is {array.dtype}, not floating point.")
         array = array.astype(np.float32)
         produced[name] = (jax_name, np.ascontiguousarray(array.T) if transpose else array)
@@ -1007,9 +1007,8 @@ def compare_t5(model: Any, reference: str) -> dict[str, Any]:
     import torch
     from transformers import T5EncoderModel
 
-    ref_path = resolve_source(reference) if not Path(reference).exists() else Path(reference)
-    try:
-        ref = T5EncoderModel.from_pretrained(str(ref_path)).eval()
+    try:  # a local folder or a hub id (e.g. t5-small), through the normal HF loading path
+        ref = T5EncoderModel.from_pretrained(str(Path(reference).expanduser())).eval()
     except Exception as e:  # noqa: BLE001
         raise UserError(f"Cannot load the reference T5 encoder '{reference}' ({e}).") from None
     ours, theirs = model.state_dict(), ref.state_dict()

@@ -149,6 +149,8 @@ class DistillConfig:
     spans: list[float] = field(default_factory=lambda: [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0])
     teacher_resolution: int = 64  # teacher sub-steps per unit time
     epochs_per_round: float = 1.0
+    steps_per_round: int | None = None  # overrides epochs_per_round when set
+    round: int | None = None  # the round a run dir trains (1-based); set per round by distill
 
 
 @dataclass

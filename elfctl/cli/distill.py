@@ -1,0 +1,168 @@
+"""`elfctl distill`: progressive distillation of a teacher into few-step students."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ..config import preset_names
+from .app import app, console, handle_errors, out
+
+
+@app.command(
+    help=(
+        "Distil a many-step ELF teacher into few-step students (progressive distillation, "
+        "ELF_SPEC.md section 8).\n\n"
+        "Round k trains a student that covers span distill.spans[k-1] in one step against "
+        "the frozen teacher's Euler sub-steps. Each round is a normal run directory "
+        "RUN_DIR/round_<k> whose checkpoints `elfctl sample` loads; re-running skips "
+        "finished rounds and resumes an unfinished one."
+    ),
+    epilog=(
+        "Examples:\n\n"
+        "  elfctl distill --preset owt-b-pd\n\n"
+        "  elfctl distill --preset owt-b-pd --teacher embedded-language-flows/ELF-B-owt-torch "
+        "--round 3 --run-dir runs/owt-b-pd\n\n"
+        "  elfctl distill --preset tiny --teacher runs/tiny --rounds 3-4 "
+        "--set distill.steps_per_round=300\n\n"
+        "  accelerate launch -m elfctl distill --preset owt-b-pd --set train.micro_batch=64\n\n"
+        "  elfctl sample --repo runs/owt-b-pd/round_5 --steps 1"
+    ),
+)
+@handle_errors
+def distill(
+    teacher: str = typer.Option(
+        None,
+        "--teacher",
+        help="The teacher: hub repo, checkpoint file or directory, or a run dir "
+        "(default: the preset's distill.teacher).",
+    ),
+    preset: str = typer.Option(
+        None, "--preset", help=f"Data, encoder and settings: one of {', '.join(preset_names())}."
+    ),
+    config_file: Path = typer.Option(None, "--config", help="A YAML config file."),
+    rounds: str = typer.Option(None, "--rounds", help="Rounds to run, K or A-B (default: all)."),
+    round_: int = typer.Option(None, "--round", help="Run this one round only."),
+    sets: list[str] = typer.Option(
+        None, "--set", help="Override a config value: dotted.key=value (repeatable)."
+    ),
+    run_dir: Path = typer.Option(
+        None, "--run-dir", help="Curriculum directory (default runs/<preset>-pd)."
+    ),
+    max_steps: int = typer.Option(
+        None, "--max-steps", min=1, help="Steps per round (distill.steps_per_round)."
+    ),
+    resume: str = typer.Option("auto", "--resume", help="auto (resume each round) or never."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the config and exit."),
+    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is present."),
+    mixed_precision: str = typer.Option(
+        None, "--mixed-precision", help="no or bf16 (default: Accelerate's config)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    from ..config import dump_yaml, resolve
+    from ..errors import UserError
+
+    if preset is None and config_file is None:
+        raise UserError(
+            f"Give --preset NAME or --config FILE (presets: {', '.join(preset_names())})."
+        )
+    if rounds is not None and round_ is not None:
+        raise UserError("Give either --rounds or --round, not both.")
+    if resume not in ("auto", "never"):
+        raise UserError(f"--resume must be auto or never, got '{resume}'.")
+    if mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise UserError(f"--mixed-precision must be no or bf16, got '{mixed_precision}'.")
+    overrides = {"distill.teacher": teacher, "distill.steps_per_round": max_steps}
+    cfg = resolve(preset, config_file, overrides, sets)
+    if print_config:
+        out.print(dump_yaml(cfg), highlight=False, soft_wrap=True)
+        return
+
+    from ..distill import check_distill_config, parse_rounds
+
+    check_distill_config(cfg)
+    n = len(cfg.distill.spans)
+    chosen = parse_rounds(str(round_) if round_ is not None else (rounds or f"1-{n}"), n)
+    if run_dir is None:
+        run_dir = Path("runs") / (cfg.name if cfg.name.endswith("-pd") else f"{cfg.name}-pd")
+
+    from ..distill import distill as run_curriculum
+    from ..train import make_accelerator
+
+    accelerator = make_accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    main = accelerator.is_main_process
+
+    def run_round(trainer):
+        if main:
+            where = f"resuming from step {trainer.step}" if trainer.resume_from else "starting"
+            console.print(
+                f"round {trainer.round}: span {trainer.span:g} in one step vs {trainer.substeps} "
+                f"teacher sub-steps; {where} in {trainer.run_dir}; {trainer.total_steps} steps "
+                f"of {cfg.train.global_batch} x {cfg.data.max_length} tokens on "
+                f"{accelerator.device}",
+                highlight=False,
+            )
+            return _fit_with_progress(trainer)
+        return trainer.fit()
+
+    results = run_curriculum(
+        cfg, run_dir, chosen, accelerator=accelerator, resume=resume, run_round=run_round
+    )
+    if not main:
+        return
+    for r in results:
+        if r.skipped:
+            console.print(f"round {r.round}: already finished (step {r.step})", highlight=False)
+            continue
+        rec = r.result.last_record or {}
+        state = "done" if r.step >= r.total_steps else "stopped"
+        console.print(
+            f"round {r.round}: {state} at step {r.step}/{r.total_steps} in "
+            f"{r.result.seconds:.0f}s, loss {rec.get('loss', 0):.4f} "
+            f"(pd {rec.get('l2', 0):.4f}, ce {rec.get('ce', 0):.4f}); student in {r.run_dir}",
+            highlight=False,
+        )
+    if json_out:
+        summary = {
+            "run_dir": str(run_dir),
+            "rounds": [
+                {
+                    "round": r.round,
+                    "span": r.span,
+                    "teacher_substeps": r.substeps,
+                    "run_dir": str(r.run_dir),
+                    "step": r.step,
+                    "total_steps": r.total_steps,
+                    "skipped": r.skipped,
+                    "seconds": r.result.seconds if r.result else 0.0,
+                    "last": (r.result.last_record if r.result else None) or {},
+                }
+                for r in results
+            ],
+        }
+        out.print_json(json.dumps(summary))
+
+
+def _fit_with_progress(trainer):
+    from .progress import progress
+
+    latest = {}
+
+    def status() -> str:
+        if not latest:
+            return ""
+        r = latest
+        return f"loss {r['loss']:.3f} pd {r['l2']:.3f} ce {r['ce']:.3f} lr {r['lr']:.2e}"
+
+    remaining = trainer.total_steps - trainer.step
+    with progress(f"round {trainer.round}", remaining, "steps", extra=status) as advance:
+
+        def on_step(report) -> None:
+            if report.record is not None:
+                latest.update(report.record)
+            advance(1)
+
+        return trainer.fit(on_step)

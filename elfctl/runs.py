@@ -1,6 +1,10 @@
 """Sample runs: checkpoint + tokenizer + settings -> a directory with samples.jsonl and run.json.
 
 `elfctl sample` and `elfctl eval` are thin layers over `SampleJob.run`.
+
+Conditional runs (a job with `conditions`) encode each batch's sources with the frozen
+encoder just before sampling that batch (ELF_SPEC.md section 5), so memory holds one
+batch of condition latents, never the whole input's.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from .checkpoints import Checkpoint, build_model, load_checkpoint
 from .config import Config, SamplingSetting, resolve
 from .errors import UserError
 from .model import size_name
-from .sampler import Condition, generate
+from .sampler import Condition, Generation, generate
 
 
 @dataclass
@@ -27,6 +31,7 @@ class LoadedModel:
     tokenizer: object
     config: Config
     checkpoint: Checkpoint
+    encoder: torch.nn.Module | None = None  # the frozen encoder, loaded for conditional runs
 
 
 def load_for_sampling(
@@ -34,14 +39,16 @@ def load_for_sampling(
     preset: str | None = None,
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
+    with_encoder: bool = False,
 ) -> LoadedModel:
     """The EMA model, its tokenizer and the config that describes it.
 
     Our own checkpoints carry their config; official ones take it from `preset`
     (default: the built-in defaults, i.e. T5-small and the OWT sampling settings),
-    with the architecture read off the tensors.
+    with the architecture read off the tensors. `with_encoder` also loads the frozen
+    encoder of `config.encoder`, which only conditional sampling needs.
     """
-    from .encoder import load_tokenizer
+    from .encoder import load_encoder, load_tokenizer
 
     ckpt = load_checkpoint(source)
     if ckpt.config is not None:
@@ -60,7 +67,28 @@ def load_for_sampling(
             f"'{tokenizer or config.encoder.tokenizer}' has {len(tok)}; pass the matching "
             "--tokenizer."
         )
-    return LoadedModel(model, tok, config, ckpt)
+    encoder = None
+    if with_encoder:
+        check_conditional(config, source)
+        encoder = load_encoder(config.encoder, device)
+        if encoder.width != config.model.latent_dim:
+            raise UserError(
+                f"The checkpoint works in {config.model.latent_dim}-wide latents but the encoder "
+                f"'{config.encoder.encoder}' is {encoder.width} wide; pass the matching --preset."
+            )
+    return LoadedModel(model, tok, config, ckpt, encoder)
+
+
+def check_conditional(config: Config, source: str) -> None:
+    """Conditional sampling needs a model trained on conditions, with a condition budget."""
+    data = config.data
+    if not data.conditional or not 0 < data.max_input_length < data.max_length:
+        raise UserError(
+            f"{source} is not described as a conditional model (data.conditional "
+            f"{str(data.conditional).lower()}, max_input_length {data.max_input_length}); "
+            "sampling from sources needs one, e.g. --preset de-en-b or xsum-b for an official "
+            "checkpoint."
+        )
 
 
 def _with_preset_sampling(config: Config, preset: str) -> Config:
@@ -90,29 +118,20 @@ class SampleJob:
         on_batch: Callable[[int], None] | None = None,
         condition: Condition | None = None,
     ) -> dict:
-        """Sample, then write samples.jsonl and run.json into `out_dir`; returns run.json."""
-        s = self.setting
+        """Sample, then write samples.jsonl and run.json into `out_dir`; returns run.json.
+
+        With `conditions` (source texts) and no ready `condition`, each batch of sources
+        is encoded with `loaded.encoder` and sampled with its own seed (`batch_seeds`).
+        """
         device = next(loaded.model.parameters()).device
         start = time.perf_counter()
-        result = generate(
-            loaded.model,
-            loaded.tokenizer,
-            steps=s.steps,
-            method=s.method,
-            gamma=s.gamma,
-            sc_cfg=s.sc_cfg,
-            cfg=s.cfg,
-            time_schedule=s.time_schedule,
-            noise_scale=s.noise_scale,
-            num_samples=self.num_samples,
-            length=self.length,
-            seed=self.seed,
-            condition=condition,
-            batch_size=self.batch_size,
-            precision=self.precision,
-            compile=self.compile,
-            on_batch=on_batch,
-        )
+        truncated = None
+        if self.conditions is not None and condition is None:
+            result, truncated = self._generate_conditional(loaded, on_batch)
+        else:
+            result = self._generate(
+                loaded, condition, self.seed, self.num_samples, self.batch_size, on_batch
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
@@ -130,8 +149,81 @@ class SampleJob:
         out_dir.mkdir(parents=True, exist_ok=True)
         records.write_samples(out_dir, rows)
         info = self.describe(loaded, device, wall)
+        if truncated is not None:
+            data = loaded.config.data
+            info["conditioning"] = {
+                "max_length": data.max_length,
+                "max_input_length": data.max_input_length,
+                "output_length": data.max_length - data.max_input_length,
+                "truncated_sources": truncated,
+            }
         records.write_run_json(out_dir, info)
         return info
+
+    def _generate(
+        self,
+        loaded: LoadedModel,
+        condition: Condition | None,
+        seed: int,
+        num_samples: int,
+        batch_size: int,
+        on_batch: Callable[[int], None] | None,
+    ) -> Generation:
+        s = self.setting
+        return generate(
+            loaded.model,
+            loaded.tokenizer,
+            steps=s.steps,
+            method=s.method,
+            gamma=s.gamma,
+            sc_cfg=s.sc_cfg,
+            cfg=s.cfg,
+            time_schedule=s.time_schedule,
+            noise_scale=s.noise_scale,
+            num_samples=num_samples,
+            length=self.length,
+            seed=seed,
+            condition=condition,
+            batch_size=batch_size,
+            precision=self.precision,
+            compile=self.compile,
+            on_batch=on_batch,
+        )
+
+    def _generate_conditional(
+        self, loaded: LoadedModel, on_batch: Callable[[int], None] | None
+    ) -> tuple[Generation, int]:
+        """Encode and sample one batch of sources at a time -> (outputs in order, # cut)."""
+        from .conditions import encode_conditions
+
+        if loaded.encoder is None:
+            raise ValueError("conditional sampling needs load_for_sampling(..., with_encoder=True)")
+        if self.num_samples > len(self.conditions):
+            raise ValueError(f"{self.num_samples} samples but {len(self.conditions)} conditions")
+        data = loaded.config.data
+        device = next(loaded.model.parameters()).device
+        sources = self.conditions[: self.num_samples]
+        starts = range(0, len(sources), self.batch_size)
+        seeds = batch_seeds(self.seed, len(starts))
+        tokens: list[list[int]] = []
+        texts: list[str] = []
+        truncated = 0
+        for start, seed in zip(starts, seeds, strict=True):
+            chunk = sources[start : start + self.batch_size]
+            condition, cut = encode_conditions(
+                loaded.encoder,
+                loaded.tokenizer,
+                chunk,
+                data.max_length,
+                data.max_input_length,
+                device,
+                data.pad_token,
+            )
+            part = self._generate(loaded, condition, seed, len(chunk), len(chunk), on_batch)
+            tokens.extend(part.tokens)
+            texts.extend(part.texts)
+            truncated += cut
+        return Generation(tokens=tokens, texts=texts), truncated
 
     def describe(self, loaded: LoadedModel, device: torch.device, wall: float) -> dict:
         ckpt = loaded.checkpoint
@@ -182,3 +274,13 @@ def _dtype_name(device: torch.device, precision: str) -> str:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return "bf16-autocast" if bf16 else "fp32"
     return "bf16-autocast" if precision == "bf16" else "fp32"
+
+
+def batch_seeds(seed: int, n: int) -> list[int]:
+    """Seeds for n batches of one conditional run: a pure function of (seed, n).
+
+    Each batch has its own noise; reusing `seed` for every batch would give every
+    batch the same noise.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**62, (n,), generator=generator).tolist()

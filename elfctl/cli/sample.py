@@ -18,7 +18,10 @@ from .progress import progress
         "Examples:\n\n"
         "  elfctl sample --repo embedded-language-flows/ELF-B-owt-torch --steps 32\n\n"
         "  elfctl sample --repo runs/tiny --num-samples 64 --out outputs/tiny\n\n"
-        "  elfctl sample --repo ckpts/checkpoint_95000 --preset owt-b --setting sde-64"
+        "  elfctl sample --repo ckpts/checkpoint_95000 --preset owt-b --setting sde-64\n\n"
+        "  elfctl sample --repo runs/tiny-translate --input sources.jsonl --out outputs/tt\n\n"
+        "  elfctl sample --repo ckpts/de-en --preset de-en-b "
+        "--input embedded-language-flows/wmt14_de-en_validation_t5 --num-samples 1000"
     )
 )
 @handle_errors
@@ -49,8 +52,34 @@ def sample(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even if a GPU is present."),
     json_out: bool = typer.Option(False, "--json", help="Print run.json on stdout."),
+    input: str = typer.Option(
+        None,
+        "--input",
+        help=(
+            "Sources to condition on: a .jsonl file, a .txt file (one source per line), a "
+            "save_to_disk folder or a hub dataset. Outputs keep the input order."
+        ),
+    ),
+    source_field: str = typer.Option(
+        None, "--source-field", help="Source field of --input rows (default: data.source_field)."
+    ),
+    reference_field: str = typer.Option(
+        None,
+        "--reference-field",
+        help="Reference field of --input rows, optional in each row (default: data.target_field).",
+    ),
+    split: str = typer.Option(
+        None,
+        "--split",
+        help="Dataset split of --input (default: validation, test or the only split).",
+    ),
 ) -> None:
-    """Sample texts from an ELF checkpoint (defaults: the preset's official settings)."""
+    """Sample texts from an ELF checkpoint (defaults: the preset's official settings).
+
+    With --input, the model is conditioned on each source in turn (a conditional model:
+    its own run config or a conditional --preset); rows carry `condition` and, where the
+    input has one, `reference`, ready for score-bleu / score-rouge.
+    """
     import dataclasses
 
     from accelerate import PartialState
@@ -64,11 +93,16 @@ def sample(
         raise UserError(f"--time-schedule must be uniform or logit_normal, got '{time_schedule}'.")
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
+    if input is not None and length is not None:
+        raise UserError(
+            "--length does not apply with --input: conditional samples use the model's "
+            "data.max_length."
+        )
     out_dir = out_dir or Path("outputs") / time.strftime("sample-%Y%m%d-%H%M%S")
     _check_out_dir(out_dir, force)
 
     device = PartialState(cpu=cpu).device
-    loaded = load_for_sampling(repo, preset, tokenizer, device)
+    loaded = load_for_sampling(repo, preset, tokenizer, device, with_encoder=input is not None)
     base = sampling_setting(loaded.config, setting)
     chosen = dataclasses.replace(
         base,
@@ -85,6 +119,24 @@ def sample(
             if v is not None
         },
     )
+    if input is not None:
+        _sample_from_sources(
+            loaded,
+            chosen,
+            out_dir,
+            repo=repo,
+            input=input,
+            source_field=source_field or loaded.config.data.source_field,
+            reference_field=reference_field or loaded.config.data.target_field,
+            split=split,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            seed=seed,
+            precision=precision,
+            compile=compile,
+            json_out=json_out,
+        )
+        return
     n = num_samples or chosen.num_samples
     job = SampleJob(
         setting=chosen,
@@ -99,6 +151,62 @@ def sample(
         f"sampling {n} x {job.length} tokens from {repo} ({chosen.method.upper()}, "
         f"{chosen.steps} steps, gamma {chosen.gamma}, SC-CFG {chosen.sc_cfg}, CFG {chosen.cfg}, "
         f"{chosen.time_schedule} grid) on {device}",
+        highlight=False,
+    )
+    with progress("sampling", n, "samples") as advance:
+        info = job.run(loaded, out_dir, on_batch=advance)
+    _summarise(out_dir, info, json_out)
+
+
+def _sample_from_sources(
+    loaded,
+    chosen,
+    out_dir: Path,
+    *,
+    repo: str,
+    input: str,
+    source_field: str,
+    reference_field: str,
+    split: str | None,
+    num_samples: int | None,
+    batch_size: int | None,
+    seed: int,
+    precision: str,
+    compile: bool,
+    json_out: bool,
+) -> None:
+    from ..conditions import count_truncated, read_sources
+    from ..runs import SampleJob
+
+    data = loaded.config.data
+    if split is None and input == data.validation:
+        split = data.validation_split  # the preset's own evaluation set
+    sources, references = read_sources(input, source_field, reference_field, split, num_samples)
+    n = len(sources)
+    job = SampleJob(
+        setting=chosen,
+        num_samples=n,
+        length=data.max_length,
+        seed=seed,
+        batch_size=min(batch_size or chosen.batch_size, n),
+        precision=precision,
+        compile=compile,
+        conditions=sources,
+        references=references if any(r is not None for r in references) else None,
+        meta={"input": input, "source_field": source_field, "reference_field": reference_field},
+    )
+    cut = count_truncated(loaded.tokenizer, sources, data.max_input_length)
+    if cut:
+        console.print(
+            f"[yellow]warning:[/] {cut} of {n} sources are longer than max_input_length "
+            f"({data.max_input_length} tokens) and are truncated to it",
+            highlight=False,
+        )
+    console.print(
+        f"sampling {n} outputs of up to {data.max_length - data.max_input_length} tokens "
+        f"conditioned on {input} from {repo} ({chosen.method.upper()}, {chosen.steps} steps, "
+        f"CFG {chosen.cfg}, SC-CFG {chosen.sc_cfg}, {chosen.time_schedule} grid) on "
+        f"{next(loaded.model.parameters()).device}",
         highlight=False,
     )
     with progress("sampling", n, "samples") as advance:
@@ -123,6 +231,8 @@ def _summarise(out_dir: Path, info: dict, json_out: bool) -> None:
         highlight=False,
     )
     for row in rows[:3]:
+        if row["condition"] is not None:
+            console.print(f"  [dim]#{row['id']} <[/] {row['condition'][:200]}", highlight=False)
         console.print(f"  [dim]#{row['id']}[/] {row['text'][:200]}", highlight=False)
     if json_out:
         out.print_json(json.dumps(info))

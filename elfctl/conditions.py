@@ -1,0 +1,278 @@
+"""Sources for conditional sampling: reading them, and encoding them as the model saw them.
+
+`read_sources` turns what the user gives `elfctl sample --input` into source texts (and
+their references, when known), in input order:
+
+  .jsonl file          one JSON object per non-blank line: `source_field` (required, a
+                       string) and `reference_field` (optional, a string or null);
+  .txt file            one source per non-blank line, no references;
+  save_to_disk folder  `datasets.load_from_disk` (a DatasetDict gives `split`);
+  testbed:<name>/<part> the offline test bed's save_to_disk folder;
+  anything else        a hub dataset id (or a local folder of data files), through
+                       `datasets.load_dataset`, falling back to `load_from_disk` on the
+                       snapshot when the repo is stored in save_to_disk layout.
+
+Dataset rows read the same two fields; the official pre-tokenized evaluation sets keep
+their raw text in `input` (source) and `target` (reference).
+
+`encode_conditions` lays sources out exactly like training collation (ELF_SPEC.md section
+2: condition first, truncated to `max_input_length`, in a `max_length` sequence) and
+encodes them with the per-pair encoder mask (section 1). A condition position attends only
+to condition positions, so its latent does not depend on what fills the target positions:
+here they are padding, and only the condition positions' latents are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .data import collate, is_save_to_disk_folder, is_save_to_disk_metadata, tokenize
+from .errors import UserError
+from .sampler import Condition
+
+if TYPE_CHECKING:
+    from .encoder import FrozenEncoder
+
+# Splits tried, in order, when a dataset has several and none was named.
+PREFERRED_SPLITS = ("validation", "test")
+
+
+# ---------------------------------------------------------------------------
+# Reading sources
+
+
+def read_sources(
+    input: str,
+    source_field: str = "input",
+    reference_field: str = "target",
+    split: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[str], list[str | None]]:
+    """(sources, references) from a file, a dataset folder or a hub dataset, in order.
+
+    References are None where the input has none. `limit` keeps the first rows only.
+    """
+    if input.startswith("testbed:"):
+        from .testbed.assets import resolve_testbed_uri
+
+        path = Path(resolve_testbed_uri(input))
+    else:
+        path = Path(input).expanduser()
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            pairs = read_jsonl_sources(path, source_field, reference_field, limit)
+        elif path.suffix == ".txt":
+            pairs = [(line, None) for line in read_txt_sources(path)][:limit]
+        else:
+            raise UserError(
+                f"Unsupported --input file {path}: expected .jsonl, .txt, a save_to_disk folder "
+                "or a hub dataset."
+            )
+    elif path.is_dir() and is_save_to_disk_folder(path):
+        pairs = dataset_sources(
+            _load_disk(path, split), str(path), source_field, reference_field, limit
+        )
+    elif path.is_dir() or not _looks_like_local_path(input):
+        rows = _load_hub(input if not path.is_dir() else str(path), split)
+        pairs = dataset_sources(rows, input, source_field, reference_field, limit)
+    else:
+        raise UserError(f"--input not found: {input}.")
+    if not pairs:
+        raise UserError(f"--input {input} holds no sources.")
+    return [s for s, _ in pairs], [r for _, r in pairs]
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name" without a file extension.
+    return (
+        name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).suffix != ""
+    )
+
+
+def read_txt_sources(file: Path) -> list[str]:
+    """One source per non-blank line (surrounding whitespace stripped)."""
+    return [line.strip() for line in _read_text(file).splitlines() if line.strip()]
+
+
+def read_jsonl_sources(
+    file: Path, source_field: str, reference_field: str, limit: int | None = None
+) -> list[tuple[str, str | None]]:
+    """(source, reference or None) per non-blank line; bad lines name file and line."""
+    pairs: list[tuple[str, str | None]] = []
+    for number, line in enumerate(_read_text(file).splitlines(), start=1):
+        if limit is not None and len(pairs) >= limit:
+            break
+        if not line.strip():
+            continue
+        where = f"{file}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg}).") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object.")
+        if source_field not in record:
+            raise UserError(f"{where}: missing the source field '{source_field}'.")
+        source = record[source_field]
+        if not isinstance(source, str):
+            kind = type(source).__name__
+            raise UserError(f"{where}: field '{source_field}' must be a string, not {kind}.")
+        reference = record.get(reference_field)
+        if reference is not None and not isinstance(reference, str):
+            kind = type(reference).__name__
+            raise UserError(
+                f"{where}: field '{reference_field}' must be a string or null, not {kind}."
+            )
+        pairs.append((source, reference))
+    return pairs
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{file} is not UTF-8 text (byte {e.start}).") from None
+
+
+def dataset_sources(
+    rows, where: str, source_field: str, reference_field: str, limit: int | None
+) -> list[tuple[str, str | None]]:
+    """(source, reference or None) per dataset row; the reference column is optional."""
+    columns = rows.column_names
+    if source_field not in columns:
+        raise UserError(
+            f"Dataset {where} has no source column '{source_field}' (its columns: "
+            f"{', '.join(columns)}); choose one with --source-field."
+        )
+    if limit is not None and limit < len(rows):
+        rows = rows.select(range(limit))
+    sources = rows[source_field]
+    references = rows[reference_field] if reference_field in columns else [None] * len(sources)
+    for i, (source, reference) in enumerate(zip(sources, references, strict=True)):
+        if not isinstance(source, str) or not (reference is None or isinstance(reference, str)):
+            raise UserError(
+                f"Dataset {where}, row {i}: '{source_field}' and '{reference_field}' must hold "
+                "text."
+            )
+    return list(zip(sources, references, strict=True))
+
+
+def pick_split(data, split: str | None, where: str):
+    """A Dataset as is; from a DatasetDict the named split, else validation/test/the only one."""
+    from datasets import DatasetDict
+
+    if not isinstance(data, DatasetDict):
+        return data
+    have = ", ".join(data.keys())
+    if split is not None:
+        if split not in data:
+            raise UserError(f"Dataset {where} has no split '{split}' (it has: {have}).")
+        return data[split]
+    for name in PREFERRED_SPLITS:
+        if name in data:
+            return data[name]
+    if len(data) == 1:
+        return next(iter(data.values()))
+    raise UserError(f"Dataset {where} has several splits ({have}); choose one with --split.")
+
+
+def _load_disk(path: Path, split: str | None):
+    from datasets import load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"Could not load the dataset folder {path}: {e}") from None
+    return pick_split(data, split, str(path))
+
+
+def _load_hub(repo_id: str, split: str | None):
+    """A hub dataset's split; a repo in save_to_disk layout loads from its snapshot.
+
+    With a split named, only that split is loaded (the lead's `load_hub_rows`). Without
+    one, every split is loaded and `pick_split` chooses.
+    """
+    from .data import load_hub_rows, save_to_disk_root
+
+    if split is not None:
+        return load_hub_rows(repo_id, split)
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(repo_id)
+    except ValueError as e:
+        if "save_to_disk" not in str(e):
+            raise UserError(f"Could not load dataset '{repo_id}': {e}") from None
+        data = None  # a local save_to_disk folder: datasets says so itself
+    except OSError as e:
+        raise UserError(f"Could not load dataset '{repo_id}' from the hub: {e}") from None
+    if data is not None and not any(is_save_to_disk_metadata(d) for d in data.values()):
+        return pick_split(data, None, repo_id)
+    from .data import _snapshot
+
+    return _load_disk(save_to_disk_root(_snapshot(repo_id)), None)
+
+
+# ---------------------------------------------------------------------------
+# Encoding conditions
+
+
+def count_truncated(tokenizer, sources: list[str], max_input_length: int) -> int:
+    """How many sources have more than `max_input_length` tokens (they will be cut)."""
+    return sum(len(ids) > max_input_length for ids in tokenize(tokenizer, sources))
+
+
+def condition_batch(
+    tokenizer, sources: list[str], max_length: int, max_input_length: int, pad_token: str = "eos"
+) -> dict[str, torch.Tensor]:
+    """The training layout of sources with an empty target: `data.collate`'s batch.
+
+    input_ids (B, S): condition (cut to max_input_length), then padding; attention_mask
+    and cond_seq_mask (B, S) are both True exactly at the condition positions.
+    """
+    rows = [{"condition_input_ids": ids, "input_ids": []} for ids in tokenize(tokenizer, sources)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1
+    return collate(rows, max_length, max_input_length, pad_token, pad_id, eos_id)
+
+
+@torch.no_grad()
+def encode_conditions(
+    encoder: FrozenEncoder,
+    tokenizer,
+    sources: list[str],
+    max_length: int,
+    max_input_length: int,
+    device: str | torch.device = "cpu",
+    pad_token: str = "eos",
+) -> tuple[Condition, int]:
+    """(Condition for `sources`, number of sources cut to max_input_length).
+
+    Latents (B, S, C) hold the encoder's normalised output at condition positions and 0
+    elsewhere; mask (B, S) marks condition positions; lengths (B,) the kept lengths.
+    """
+    from .encoder import encoder_pair_mask
+
+    if not 0 < max_input_length < max_length:
+        raise UserError(
+            f"Conditional sampling needs 0 < max_input_length < max_length, got "
+            f"{max_input_length} and {max_length}."
+        )
+    batch = condition_batch(tokenizer, sources, max_length, max_input_length, pad_token)
+    input_ids = batch["input_ids"].to(device)  # (B, S)
+    cond_mask = batch["cond_seq_mask"].to(device)  # (B, S)
+    pair = encoder_pair_mask(batch["attention_mask"].to(device), cond_mask)  # (B, S, S)
+    with torch.autocast(torch.device(device).type, enabled=False):
+        latents = encoder.encode(input_ids, pair_mask=pair)  # (B, S, C)
+    latents = latents * cond_mask[..., None]
+    condition = Condition(
+        latents=latents,
+        mask=cond_mask,
+        lengths=batch["cond_len"].to(device),
+        max_input_length=max_input_length,
+    )
+    return condition, int(batch["condition_truncated"].sum())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import (
     convert,  # noqa: F401
     distill,  # noqa: F401
+    eval,  # noqa: F401
     sample,  # noqa: F401  (registers commands)
     score,  # noqa: F401
     train,  # noqa: F401

@@ -1,0 +1,407 @@
+"""`elfctl eval` as a library: every official sampling setting of a preset, sampled and scored.
+
+One evaluation directory holds one sample run directory per setting and a summary:
+
+    <out>/<setting>/samples.jsonl   the samples (records.py layout)
+    <out>/<setting>/run.json        what produced them
+    <out>/<setting>/metrics.jsonl   the scorers' records
+    <out>/eval.json                 one row per setting: our numbers beside the paper's
+
+Which scorers run (ELF_SPEC.md section 6): unconditional presets get Gen PPL + entropy;
+conditional presets get BLEU if the setting's paper numbers name BLEU, ROUGE if they name
+ROUGE, both if they name neither. Conditional presets are sampled conditioned on the first
+n rows of the preset's validation set (`data.validation`: raw `input` source text and
+`target` reference text), so their paper column shows the validation number first.
+
+All settings are sampled first, then each scorer runs once over all of them (one load of
+GPT-2 Large, not one per setting). Scoring itself is a hook (`ScoreFn`): `elfctl eval`
+passes the functions behind `score-ppl` / `score-bleu` / `score-rouge`, so eval's numbers
+are exactly theirs. This module never prints; progress and messages go through hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__, records
+from .config import Config, SamplingSetting, resolve, sampling_setting
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .runs import LoadedModel
+
+EVAL_FILE = "eval.json"
+
+# (kind of scoring run, its samples) -> the metrics records, one per samples file.
+ScoreFn = Callable[[str, list[tuple[Path, list[dict[str, Any]]]]], list[dict[str, Any]]]
+# (description, total, unit) -> a context manager yielding advance(n), as cli/progress.py.
+ProgressFn = Callable[[str, int, str], AbstractContextManager[Callable[[int], None]]]
+LogFn = Callable[[str], None]
+
+# Scorer kinds and the metrics each produces.
+SCORER_METRICS = {
+    "gen_ppl": ("gen_ppl", "entropy"),
+    "bleu": ("bleu",),
+    "rouge": ("rouge1", "rouge2", "rougeL"),
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str  # the table header
+    record: str  # the "metric" of its metrics.jsonl record
+    value: str  # the key in that record's "values"
+
+
+# Keyed as SamplingSetting.paper is: "bleu" is the paper's test number and
+# "bleu_validation" its validation number.
+METRICS = {
+    "gen_ppl": Metric("Gen PPL", "gen_ppl", "ppl"),
+    "entropy": Metric("entropy", "gen_ppl", "entropy"),
+    "bleu": Metric("BLEU", "bleu", "bleu"),
+    "rouge1": Metric("ROUGE-1", "rouge", "rouge1"),
+    "rouge2": Metric("ROUGE-2", "rouge", "rouge2"),
+    "rougeL": Metric("ROUGE-L", "rouge", "rougeL"),
+}
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def resolve_eval_config(preset: str | None, config_file: str | Path | None) -> Config:
+    """The preset and/or config file that describes the run to evaluate (file wins)."""
+    if not preset and not config_file:
+        raise UserError("Name what to evaluate with --preset NAME or --config FILE.")
+    return resolve(preset, config_file)
+
+
+def select_settings(config: Config, names: list[str] | None = None) -> list[SamplingSetting]:
+    """The named settings in the order given, or every official setting of the config."""
+    if not config.sampling:
+        raise UserError(f"Preset '{config.name}' has no sampling settings to evaluate.")
+    seen = [s.name for s in config.sampling]
+    duplicates = sorted({n for n in seen if seen.count(n) > 1})
+    if duplicates:
+        raise UserError(f"Preset '{config.name}' names sampling setting '{duplicates[0]}' twice.")
+    chosen = [sampling_setting(config, n) for n in dict.fromkeys(names)] if names else None
+    settings = chosen or list(config.sampling)
+    for setting in settings:
+        # Each setting becomes a folder name under --out.
+        if not _SAFE_NAME.match(setting.name):
+            raise UserError(
+                f"Sampling setting name '{setting.name}' is not usable as a folder name "
+                "(letters, digits, '.', '_' and '-' only)."
+            )
+    return settings
+
+
+def scorers_for(config: Config, setting: SamplingSetting) -> list[str]:
+    """The scorer kinds for one setting: Gen PPL for unconditional presets; for conditional
+    ones BLEU and/or ROUGE as the paper reports them, both when it reports neither."""
+    if not config.data.conditional:
+        return ["gen_ppl"]
+    reported = {key.removesuffix("_validation") for key in setting.paper}
+    kinds = [kind for kind in ("bleu", "rouge") if set(SCORER_METRICS[kind]) & reported]
+    return kinds or ["bleu", "rouge"]
+
+
+def default_out_dir(config: Config) -> Path:
+    return Path("outputs") / f"eval-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_out_dir(out_dir: Path, settings: list[SamplingSetting], force: bool) -> None:
+    """Refuse (before any work) to overwrite an earlier evaluation without `force`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory.")
+    if force:
+        return
+    if (out_dir / EVAL_FILE).exists():
+        raise UserError(f"{out_dir} already holds {EVAL_FILE}; pass --force or another --out.")
+    for setting in settings:
+        for name in (records.SAMPLES_FILE, records.METRICS_FILE):
+            if (out_dir / setting.name / name).exists():
+                raise UserError(
+                    f"{out_dir / setting.name} already holds {name}; pass --force or another --out."
+                )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_for_eval(
+    source: str,
+    config: Config,
+    tokenizer: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """The EMA model, tokenizer (and, for conditional presets, the frozen encoder), with the
+    evaluation config: the preset's data and sampling settings, the checkpoint's network.
+
+    Our own checkpoints also bring the latent space they were trained in (their encoder
+    config, tokenizer included); official ones take it from the preset.
+    """
+    from .checkpoints import build_model, load_checkpoint
+    from .encoder import load_encoder, load_tokenizer
+    from .runs import LoadedModel
+
+    ckpt = load_checkpoint(source)
+    config = copy.deepcopy(config)
+    if ckpt.config is not None:
+        config.model = ckpt.config.model
+        config.encoder = ckpt.config.encoder
+    else:
+        config.model = ckpt.model_config
+    model = build_model(ckpt.state_dict, config.model, source).to(device).eval()
+    model.requires_grad_(False)
+    tokenizer_name = tokenizer or config.encoder.tokenizer
+    tok = load_tokenizer(tokenizer_name)
+    if len(tok) != config.model.vocab_size:
+        raise UserError(
+            f"The checkpoint's vocabulary has {config.model.vocab_size} entries but the tokenizer "
+            f"'{tokenizer_name}' has {len(tok)}; pass the matching --tokenizer."
+        )
+    encoder = None
+    if config.data.conditional:
+        encoder = load_encoder(config.encoder, device)
+        if encoder.width != config.model.latent_dim:
+            raise UserError(
+                f"The checkpoint works in {config.model.latent_dim}-wide latents but the encoder "
+                f"'{config.encoder.encoder}' is {encoder.width} wide."
+            )
+    return LoadedModel(model, tok, config, ckpt, encoder)
+
+
+def validation_pairs(config: Config, n: int) -> tuple[list[str], list[str]]:
+    """The first `n` (source, reference) pairs of the preset's validation set."""
+    from .conditions import read_sources
+
+    data = config.data
+    if not data.validation:
+        raise UserError(
+            f"Preset '{config.name}' is conditional but names no data.validation set to "
+            "condition on."
+        )
+    sources, references = read_sources(
+        data.validation,
+        source_field=data.source_field,
+        reference_field=data.target_field,
+        split=data.validation_split,
+        limit=n,
+    )
+    for i, reference in enumerate(references):
+        if reference is None:
+            raise UserError(
+                f"Validation set {data.validation}, row {i}: no '{data.target_field}' reference "
+                "to score against."
+            )
+    return sources, references  # type: ignore[return-value]
+
+
+def sample_counts(
+    config: Config,
+    settings: list[SamplingSetting],
+    num_samples: int | None,
+    available: int | None,
+) -> dict[str, int]:
+    """Samples per setting: --num-samples, else the setting's own; a conditional run has at
+    most one sample per validation row (asking for more explicitly is an error)."""
+    counts = {s.name: num_samples or s.num_samples for s in settings}
+    if available is None:
+        return counts
+    if num_samples is not None and num_samples > available:
+        raise UserError(
+            f"--num-samples {num_samples} is more than the {available} rows of the validation "
+            f"set {config.data.validation}."
+        )
+    return {name: min(n, available) for name, n in counts.items()}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class EvalRequest:
+    """Everything `run_eval` needs besides its hooks."""
+
+    source: str  # the checkpoint: hub id, hub sub-path, local file or dir, run dir
+    config: Config
+    settings: list[SamplingSetting]
+    out_dir: Path
+    num_samples: int | None = None  # None: each setting's own num_samples
+    seed: int = 0
+    batch_size: int | None = None  # None: each setting's own batch_size
+    precision: str = "auto"
+    compile: bool = False
+    tokenizer: str | None = None
+    device: Any = "cpu"
+    force: bool = False
+    scorer: str = "gpt2-large"  # recorded in eval.json; the ScoreFn does the scoring
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def run_eval(
+    request: EvalRequest,
+    score: ScoreFn,
+    progress: ProgressFn | None = None,
+    log: LogFn | None = None,
+) -> dict[str, Any]:
+    """Sample every setting into its own run dir, score them all, write and return eval.json."""
+    from .runs import SampleJob
+
+    log = log or (lambda message: None)
+    progress = progress or _no_progress
+    config, out_dir = request.config, request.out_dir
+    check_out_dir(out_dir, request.settings, request.force)
+
+    loaded = load_for_eval(request.source, config, request.tokenizer, request.device)
+    config = loaded.config  # the checkpoint's network inside the preset's settings
+    sources = references = None
+    available = None
+    if config.data.conditional:
+        wanted = max(request.num_samples or s.num_samples for s in request.settings)
+        sources, references = validation_pairs(config, wanted)
+        available = len(sources)
+    counts = sample_counts(config, request.settings, request.num_samples, available)
+    for setting in request.settings:
+        if counts[setting.name] < setting.num_samples and request.num_samples is None:
+            log(
+                f"{setting.name}: {counts[setting.name]} samples, one per row of the validation "
+                f"set {config.data.validation} (the setting asks for {setting.num_samples})"
+            )
+
+    runs: list[tuple[SamplingSetting, Path, dict[str, Any]]] = []
+    for setting in request.settings:
+        n = counts[setting.name]
+        run_dir = out_dir / setting.name
+        if request.force:  # the old metrics describe samples that are about to be replaced
+            (run_dir / records.METRICS_FILE).unlink(missing_ok=True)
+        job = SampleJob(
+            setting=setting,
+            num_samples=n,
+            length=setting.length or config.data.max_length,
+            seed=request.seed,
+            batch_size=min(request.batch_size or setting.batch_size, n),
+            precision=request.precision,
+            compile=request.compile,
+            conditions=sources[:n] if sources is not None else None,
+            references=references[:n] if references is not None else None,
+            meta={"eval": {"preset": config.name, "setting": setting.name}, **request.meta},
+        )
+        log(f"{setting.name}: sampling {n} x {job.length} tokens ({describe_sampler(setting)})")
+        with progress(f"sampling {setting.name}", n, "samples") as advance:
+            info = job.run(loaded, run_dir, on_batch=advance)
+        runs.append((setting, run_dir, info))
+    del loaded
+    _free_accelerator_memory()
+
+    by_file = score_runs(config, runs, score)
+    rows = [
+        setting_row(config, setting, run_dir, info, by_file[_key(run_dir)])
+        for setting, run_dir, info in runs
+    ]
+    summary = {
+        "elfctl_version": __version__,
+        "preset": config.name,
+        "repo": request.source,
+        "checkpoint": runs[0][2]["checkpoint"] if runs else None,
+        "scorer": request.scorer,
+        "seed": request.seed,
+        "out_dir": str(out_dir),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rows": rows,
+    }
+    records.atomic_write_json(out_dir / EVAL_FILE, summary)
+    return summary
+
+
+def score_runs(
+    config: Config,
+    runs: list[tuple[SamplingSetting, Path, dict[str, Any]]],
+    score: ScoreFn,
+) -> dict[str, list[dict[str, Any]]]:
+    """Run each scorer kind once over every run that needs it; records grouped by run dir."""
+    by_file: dict[str, list[dict[str, Any]]] = {_key(run_dir): [] for _, run_dir, _ in runs}
+    for kind in SCORER_METRICS:
+        run_dirs = [d for s, d, _ in runs if kind in scorers_for(config, s)]
+        if not run_dirs:
+            continue
+        inputs = [(d / records.SAMPLES_FILE, records.read_samples(d)) for d in run_dirs]
+        for record in score(kind, inputs):
+            by_file[_key(Path(record["file"]).parent)].append(record)
+    return by_file
+
+
+def _key(run_dir: Path) -> str:
+    return str(run_dir.resolve())
+
+
+def setting_row(
+    config: Config,
+    setting: SamplingSetting,
+    run_dir: Path,
+    info: dict[str, Any],
+    metric_records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """One row of the paper table: the sampler, n, each metric beside the paper's, speed."""
+    metrics = {}
+    for kind in scorers_for(config, setting):
+        for name in SCORER_METRICS[kind]:
+            metric = METRICS[name]
+            found = [r for r in metric_records if r["metric"] == metric.record]
+            value = found[-1]["values"].get(metric.value) if found else None
+            metrics[name] = {
+                "value": value,
+                "paper": setting.paper.get(name),
+                "paper_validation": setting.paper.get(f"{name}_validation"),
+            }
+    return {
+        "preset": config.name,
+        "setting": setting.name,
+        "sampler": {
+            "method": setting.method,
+            "steps": setting.steps,
+            "gamma": setting.gamma,
+            "sc_cfg": setting.sc_cfg,
+            "cfg": setting.cfg,
+            "time_schedule": setting.time_schedule,
+        },
+        "n": info["num_samples"],
+        "conditioned_on": config.data.validation if config.data.conditional else None,
+        "metrics": metrics,
+        "wall_seconds": info["wall_seconds"],
+        "samples_per_s": info["samples_per_s"],
+        "run_dir": str(run_dir),
+    }
+
+
+def describe_sampler(setting: SamplingSetting) -> str:
+    """'SDE 32 steps, gamma 1.5, SC-CFG 3, CFG 1' (gamma only for SDE)."""
+    parts = [f"{setting.method.upper()} {setting.steps} steps"]
+    if setting.method == "sde":
+        parts.append(f"gamma {setting.gamma:g}")
+    parts += [f"SC-CFG {setting.sc_cfg:g}", f"CFG {setting.cfg:g}"]
+    return ", ".join(parts)
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: int, unit: str):
+    yield lambda n=1: None

@@ -20,14 +20,14 @@ from tests.test_model import official_key_shapes
 TINY = dict(H=32, depth=2, heads=2, C=16, V=18, bottleneck=8)
 
 
-def official_state(seed=0, **sizes):
+def official_state(seed=0, scale=0.1, **sizes):
     """A random state dict built from the spec's key list, not from our model."""
     sizes = {**TINY, **sizes}
     gen = torch.Generator().manual_seed(seed)
     shapes = official_key_shapes(
         sizes["H"], sizes["depth"], sizes["heads"], sizes["C"], sizes["V"], sizes["bottleneck"]
     )
-    return {k: torch.randn(s, generator=gen) * 0.1 for k, s in shapes.items()}
+    return {k: torch.randn(s, generator=gen) * scale for k, s in shapes.items()}
 
 
 def write_official(path, ema, step=100, params=None):

@@ -16,7 +16,9 @@ runner = CliRunner()
 def setup_checkpoint(tmp_path):
     tok_dir = tmp_path / "tok"
     tok = build_word_tokenizer(tok_dir)
-    ckpt = write_official(tmp_path / "checkpoint_300", official_state(0, V=len(tok)), step=300)
+    ckpt = write_official(
+        tmp_path / "checkpoint_300", official_state(0, scale=1.0, V=len(tok)), step=300
+    )
     return ckpt, tok_dir
 
 
@@ -70,6 +72,14 @@ def test_sample_writes_samples_and_run_json_and_is_reproducible(tmp_path):
     assert second.exit_code == 0, second.output
     assert (tmp_path / "a" / "samples.jsonl").read_text() == (
         tmp_path / "b" / "samples.jsonl"
+    ).read_text()
+    texts = [r["text"] for r in rows]
+    assert len(set(texts)) > 1  # the weights are random enough for samples to differ
+
+    other = sample(*common[:-1], 4, "--out", tmp_path / "c")
+    assert other.exit_code == 0, other.output
+    assert (tmp_path / "c" / "samples.jsonl").read_text() != (
+        tmp_path / "a" / "samples.jsonl"
     ).read_text()
 
 

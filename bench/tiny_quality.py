@@ -66,20 +66,13 @@ def train_if_needed(run_dir: Path) -> float | None:
 
 
 def sample_texts(model, tokenizer, cfg, n: int, seed: int) -> tuple[list[str], float]:
-    from elfctl.sampler import generate
+    from elfctl.sampler import generate, setting_kwargs
 
-    s = cfg.sampling[0]
     start = time.perf_counter()
     out = generate(
         model,
         tokenizer,
-        steps=s.steps,
-        method=s.method,
-        gamma=s.gamma,
-        sc_cfg=s.sc_cfg,
-        cfg=s.cfg,
-        time_schedule=s.time_schedule,
-        noise_scale=s.noise_scale,
+        **setting_kwargs(cfg.sampling[0]),
         num_samples=n,
         length=cfg.data.max_length,
         seed=seed,

@@ -249,13 +249,25 @@ def _dotted(key: str, value: Any) -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge `update` into `base`; `{"0": {...}}` merges into element 0 of a list."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "paper":
-            out[key] = deep_merge(out[key], value)
+        current = out.get(key)
+        if isinstance(value, dict) and isinstance(current, dict) and key != "paper":
+            out[key] = deep_merge(current, value)
+        elif isinstance(value, dict) and isinstance(current, list) and _indices(value, current):
+            items = list(current)
+            for index, item in value.items():
+                i = int(index)
+                items[i] = deep_merge(items[i], item) if isinstance(item, dict) else item
+            out[key] = items
         else:
             out[key] = value
     return out
+
+
+def _indices(update: dict[str, Any], items: list) -> bool:
+    return all(str(k).isdigit() and int(k) < len(items) for k in update)
 
 
 def from_dict(data: dict[str, Any]) -> Config:

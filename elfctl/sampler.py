@@ -39,6 +39,19 @@ class SamplerSettings:
     p_std: float = 0.8
 
 
+def setting_kwargs(setting) -> dict:
+    """The sampler arguments of a `config.SamplingSetting`, as keyword arguments of generate()."""
+    return {
+        "steps": setting.steps,
+        "method": setting.method,
+        "gamma": setting.gamma,
+        "sc_cfg": setting.sc_cfg,
+        "cfg": setting.cfg,
+        "time_schedule": setting.time_schedule,
+        "noise_scale": setting.noise_scale,
+    }
+
+
 @dataclass
 class Generation:
     tokens: list[list[int]]  # per sample, eos and everything after it removed

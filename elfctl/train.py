@@ -412,7 +412,7 @@ class Trainer:
         if not self.acc.is_main_process:
             return []
         from .model import ELF
-        from .sampler import generate
+        from .sampler import generate, setting_kwargs
 
         cfg = self.cfg
         with torch.device("meta"):
@@ -423,13 +423,7 @@ class Trainer:
         result = generate(
             ema_model,
             self.tokenizer,
-            steps=setting.steps,
-            method=setting.method,
-            gamma=setting.gamma,
-            sc_cfg=setting.sc_cfg,
-            cfg=1.0,
-            time_schedule=setting.time_schedule,
-            noise_scale=setting.noise_scale,
+            **{**setting_kwargs(setting), "cfg": 1.0},  # periodic samples are unconditional
             num_samples=cfg.train.sample_count,
             length=setting.length or cfg.data.max_length,
             seed=cfg.train.seed,

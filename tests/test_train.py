@@ -66,8 +66,16 @@ def test_resumed_training_equals_straight_training(tmp_path):
 
 def test_run_dir_holds_config_log_and_loadable_checkpoints_with_retention(tmp_path):
     run = tmp_path / "run"
-    cfg = small_config("train.max_steps=6", "train.keep_checkpoints=2")
+    cfg = small_config(
+        "train.max_steps=6",
+        "train.keep_checkpoints=2",
+        "train.sample_every=6",
+        "train.sample_count=3",
+        "sampling.0.steps=2",
+    )
     train(cfg, run, accelerator=make_accelerator(cpu=True))
+    periodic = (run / "samples" / "step_00000006.jsonl").read_text().splitlines()
+    assert len(periodic) == 3 and all(json.loads(r)["meta"]["step"] == 6 for r in periodic)
     steps = [p.name for p in list_step_dirs(run / "checkpoints")]
     assert steps == ["step_00000004", "step_00000006"]
     assert (run / "config.yaml").is_file()

@@ -71,7 +71,10 @@ def sample(
     split: str = typer.Option(
         None,
         "--split",
-        help="Dataset split of --input (default: validation, test or the only split).",
+        help=(
+            "Dataset split of --input (default: data.validation_split for the model's own "
+            "validation set, else validation, test or the only split)."
+        ),
     ),
 ) -> None:
     """Sample texts from an ELF checkpoint (defaults: the preset's official settings).

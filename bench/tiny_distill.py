@@ -1,0 +1,201 @@
+"""Progressive distillation of the `tiny` model on this CPU: teacher vs few-step students.
+
+Trains the default tiny teacher (unless `--teacher RUN_DIR` is given), distils it with a
+short curriculum, then samples 256 texts per model and step count with the few-step
+sampling settings of ELF_SPEC.md section 8 (1-8 steps: SDE gamma 1.5, SC-CFG 2.5;
+16 and 32 steps: SDE gamma 2.0, SC-CFG 2.0; logit-normal grids) and prints the share the
+grammar accepts, for the teacher and for each round's student, in one table.
+
+The tiny curriculum (state it when quoting numbers): the official curriculum's rounds for
+spans 1/4 and 1/2 (students that take 4 and 2 steps), with the teacher at 1/16 resolution
+(4 and 8 Euler sub-steps instead of 16 and 32: the tiny teacher's 16-step samples are the
+reference), 300 steps of batch 64 per round, warm-up 30 steps; everything else as the
+`tiny` preset (AdamW 3e-3, EMA 0.999 with warm-up).
+
+    python bench/tiny_distill.py                              # train the teacher, distil, score
+    python bench/tiny_distill.py --teacher runs/tiny          # distil an existing tiny run
+    python bench/tiny_distill.py --teacher-steps 300 --steps-per-round 50   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+STEPS = [1, 2, 4, 8, 16, 32]
+
+
+def few_step_setting(steps: int) -> dict:
+    """Section 8's few-step sampling settings."""
+    gamma, sc_cfg = (1.5, 2.5) if steps <= 8 else (2.0, 2.0)
+    return {"steps": steps, "method": "sde", "gamma": gamma, "sc_cfg": sc_cfg}
+
+
+def training_texts() -> list[str]:
+    import datasets
+
+    from elfctl.testbed.assets import resolve_testbed_uri
+
+    return list(datasets.load_from_disk(resolve_testbed_uri("testbed:grammar/train"))["text"])
+
+
+def progress_logger(label: str):
+    last = [time.perf_counter()]
+
+    def log(report) -> None:
+        if report.record and time.perf_counter() - last[0] > 30:
+            last[0] = time.perf_counter()
+            r = report.record
+            print(
+                f"  {label} step {r['step']}/{report.total_steps}: loss {r['loss']:.4f} "
+                f"(l2/pd {r['l2']:.4f}, ce {r['ce']:.4f}; {r['steps_per_s']:.2f} steps/s)",
+                flush=True,
+            )
+
+    return log
+
+
+def train_teacher(run_dir: Path, max_steps: int | None) -> float:
+    from elfctl.config import resolve
+    from elfctl.train import Trainer, make_accelerator
+
+    cfg = resolve("tiny", overrides={"train.max_steps": max_steps})
+    trainer = Trainer(cfg, run_dir, make_accelerator(cpu=True))
+    start = time.perf_counter()
+    if trainer.step < trainer.total_steps:
+        print(f"training the tiny teacher in {run_dir} ({trainer.total_steps} steps)", flush=True)
+        trainer.fit(progress_logger("teacher"))
+    return time.perf_counter() - start
+
+
+def distil(teacher: Path, run_dir: Path, args) -> tuple[list, float]:
+    from elfctl.config import resolve
+    from elfctl.distill import distill
+    from elfctl.train import make_accelerator
+
+    sets = [
+        f"distill.teacher={teacher}",
+        f"distill.spans=[{', '.join(str(s) for s in args.spans)}]",
+        f"distill.teacher_resolution={args.teacher_resolution}",
+        f"distill.steps_per_round={args.steps_per_round}",
+        f"optim.warmup_steps={max(1, args.steps_per_round // 10)}",
+        "train.checkpoint_every=100",
+        "train.log_every=25",
+    ]
+    cfg = resolve("tiny", sets=sets)
+    start = time.perf_counter()
+
+    def run_round(trainer):
+        print(
+            f"round {trainer.round}: span {trainer.span:g} vs {trainer.substeps} teacher "
+            f"sub-steps, {trainer.total_steps} steps (from step {trainer.step})",
+            flush=True,
+        )
+        return trainer.fit(progress_logger(f"round {trainer.round}"))
+
+    results = distill(cfg, run_dir, accelerator=make_accelerator(cpu=True), run_round=run_round)
+    return results, time.perf_counter() - start
+
+
+def acceptance(source: str, steps: list[int], n: int, seed: int, train_texts) -> dict:
+    """{steps: evaluate_samples(...)} for one checkpoint."""
+    from elfctl.runs import load_for_sampling
+    from elfctl.sampler import generate
+    from elfctl.testbed.quality import evaluate_samples
+
+    loaded = load_for_sampling(source)
+    out = {}
+    for k in steps:
+        texts = generate(
+            loaded.model,
+            loaded.tokenizer,
+            **few_step_setting(k),
+            cfg=1.0,
+            time_schedule="logit_normal",
+            num_samples=n,
+            length=loaded.config.data.max_length,
+            seed=seed,
+            batch_size=n,
+            precision="fp32",
+        ).texts
+        out[k] = evaluate_samples(texts, train_texts) | {"examples": texts[:3]}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", type=Path, help="a tiny run dir (default: train one)")
+    parser.add_argument("--teacher-steps", type=int, help="teacher length (default: the preset's)")
+    parser.add_argument("--work", type=Path, default=Path("runs/tiny-distill-bench"))
+    parser.add_argument("--spans", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--teacher-resolution", type=int, default=16)
+    parser.add_argument("--steps-per-round", type=int, default=300)
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, nargs="+", default=STEPS, help="sampling steps")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    teacher = args.teacher or args.work / "teacher"
+    teacher_s = train_teacher(teacher, args.teacher_steps) if args.teacher is None else 0.0
+    results, distill_s = distil(teacher, args.work / "pd", args)
+    from elfctl.checkpoints import load_checkpoint
+
+    print(f"teacher: {teacher} at step {load_checkpoint(str(teacher)).step}")
+
+    train_texts = training_texts()
+    sample_start = time.perf_counter()
+    steps = args.steps
+    table = {"teacher": acceptance(str(teacher), steps, args.num_samples, args.seed, train_texts)}
+    for r in results:
+        name = f"student r{r.round} (span {r.span:g})"
+        table[name] = acceptance(str(r.run_dir), steps, args.num_samples, args.seed, train_texts)
+    sample_s = time.perf_counter() - sample_start
+
+    width = max(len(n) for n in table) + 2
+    print(f"\ngrammar acceptance, {args.num_samples} samples, few-step SDE settings")
+    print(f"{'model':<{width}}" + "".join(f"{f'{k} steps':>10}" for k in steps))
+    for name, row in table.items():
+        print(f"{name:<{width}}" + "".join(f"{row[k]['accepted']:>10.3f}" for k in steps))
+    print("\nbigram validity")
+    for name, row in table.items():
+        print(f"{name:<{width}}" + "".join(f"{row[k]['bigram_validity']:>10.3f}" for k in steps))
+    if 4 in steps and 16 in steps:
+        reference = table["teacher"][16]["accepted"]
+        for name in list(table)[1:]:
+            mine = table[name][4]["accepted"]
+            verdict = "meets" if mine >= reference else "misses"
+            print(
+                f"goal: {name} at 4 steps {mine:.3f} vs teacher at 16 steps {reference:.3f} "
+                f"({verdict})"
+            )
+    last = list(table)[-1]
+    print(f"\nexamples ({min(steps)} steps):")
+    for name in ("teacher", last):
+        print(f"  {name}: {table[name][min(steps)]['examples']}")
+    for r in results:
+        rec = r.result.last_record if r.result else {}
+        state = "already finished" if r.skipped else f"{r.result.seconds:.0f}s"
+        print(
+            f"round {r.round}: span {r.span:g}, {r.substeps} teacher sub-steps, "
+            f"{r.step} steps ({state}); last loss {rec.get('loss', float('nan')):.4f}"
+        )
+    total = time.perf_counter() - start
+    print(
+        f"wall: teacher {teacher_s:.0f}s, distillation {distill_s:.0f}s, sampling+scoring "
+        f"{sample_s:.0f}s, total {total:.0f}s"
+    )
+    if args.json:
+        summary = {
+            name: {k: {m: v for m, v in row[k].items()} for k in steps}
+            for name, row in table.items()
+        }
+        info = {"teacher_s": teacher_s, "distill_s": distill_s, "total_s": total}
+        args.json.write_text(json.dumps({"table": summary, "info": info}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,6 @@ are exactly theirs. This module never prints; progress and messages go through h
 from __future__ import annotations
 
 import contextlib
-import copy
 import re
 import time
 from collections.abc import Callable
@@ -146,41 +145,12 @@ def load_for_eval(
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """The EMA model, tokenizer (and, for conditional presets, the frozen encoder), with the
-    evaluation config: the preset's data and sampling settings, the checkpoint's network.
+    """The model with the evaluation config: the preset's data and sampling settings, the
+    checkpoint's network (and, for our own checkpoints, latent space); conditional presets
+    also get the frozen encoder."""
+    from .runs import load_for_sampling
 
-    Our own checkpoints also bring the latent space they were trained in (their encoder
-    config, tokenizer included); official ones take it from the preset.
-    """
-    from .checkpoints import build_model, load_checkpoint
-    from .encoder import load_encoder, load_tokenizer
-    from .runs import LoadedModel
-
-    ckpt = load_checkpoint(source)
-    config = copy.deepcopy(config)
-    if ckpt.config is not None:
-        config.model = ckpt.config.model
-        config.encoder = ckpt.config.encoder
-    else:
-        config.model = ckpt.model_config
-    model = build_model(ckpt.state_dict, config.model, source).to(device).eval()
-    model.requires_grad_(False)
-    tokenizer_name = tokenizer or config.encoder.tokenizer
-    tok = load_tokenizer(tokenizer_name)
-    if len(tok) != config.model.vocab_size:
-        raise UserError(
-            f"The checkpoint's vocabulary has {config.model.vocab_size} entries but the tokenizer "
-            f"'{tokenizer_name}' has {len(tok)}; pass the matching --tokenizer."
-        )
-    encoder = None
-    if config.data.conditional:
-        encoder = load_encoder(config.encoder, device)
-        if encoder.width != config.model.latent_dim:
-            raise UserError(
-                f"The checkpoint works in {config.model.latent_dim}-wide latents but the encoder "
-                f"'{config.encoder.encoder}' is {encoder.width} wide."
-            )
-    return LoadedModel(model, tok, config, ckpt, encoder)
+    return load_for_sampling(source, config, tokenizer, device, config.data.conditional)
 
 
 def validation_pairs(config: Config, n: int) -> tuple[list[str], list[str]]:

@@ -9,6 +9,7 @@ batch of condition latents, never the whole input's.
 
 from __future__ import annotations
 
+import copy
 import platform
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from .checkpoints import Checkpoint, build_model, load_checkpoint
 from .config import Config, SamplingSetting, resolve
 from .errors import UserError
 from .model import size_name
-from .sampler import Condition, Generation, generate
+from .sampler import Condition, Generation, generate, setting_kwargs
 
 
 @dataclass
@@ -36,28 +37,21 @@ class LoadedModel:
 
 def load_for_sampling(
     source: str,
-    preset: str | None = None,
+    preset: str | Config | None = None,
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
     with_encoder: bool = False,
 ) -> LoadedModel:
     """The EMA model, its tokenizer and the config that describes it.
 
-    Our own checkpoints carry their config; official ones take it from `preset`
-    (default: the built-in defaults, i.e. T5-small and the OWT sampling settings),
-    with the architecture read off the tensors. `with_encoder` also loads the frozen
-    encoder of `config.encoder`, which only conditional sampling needs.
+    See `checkpoint_config` for how the checkpoint and `preset` (a name or a Config)
+    combine. `with_encoder` also loads the frozen encoder of `config.encoder`, which
+    only conditional sampling needs.
     """
     from .encoder import load_encoder, load_tokenizer
 
     ckpt = load_checkpoint(source)
-    if ckpt.config is not None:
-        config = ckpt.config
-        if preset:
-            config = _with_preset_sampling(config, preset)
-    else:
-        config = resolve(preset)
-        config.model = ckpt.model_config
+    config = checkpoint_config(ckpt, preset)
     model = build_model(ckpt.state_dict, config.model, source).to(device).eval()
     model.requires_grad_(False)
     tok = load_tokenizer(tokenizer or config.encoder.tokenizer)
@@ -91,8 +85,25 @@ def check_conditional(config: Config, source: str) -> None:
         )
 
 
-def _with_preset_sampling(config: Config, preset: str) -> Config:
-    config.sampling = resolve(preset).sampling
+def checkpoint_config(ckpt: Checkpoint, preset: str | Config | None) -> Config:
+    """The config that describes a checkpoint.
+
+    The network always comes from the checkpoint (our own checkpoints also bring the
+    latent space they were trained in: tokenizer, encoder, latent statistics). A preset
+    supplies everything else (data layout, sampling settings); without one, our own
+    checkpoints use the config they were trained with and official ones the built-in
+    defaults (T5-small and the official unconditional sampling settings).
+    """
+    if preset is None:
+        if ckpt.config is not None:
+            return ckpt.config
+        config = Config()
+    else:
+        config = copy.deepcopy(resolve(preset) if isinstance(preset, str) else preset)
+    if ckpt.config is not None:
+        config.model, config.encoder = ckpt.config.model, ckpt.config.encoder
+    else:
+        config.model = ckpt.model_config
     return config
 
 
@@ -169,17 +180,10 @@ class SampleJob:
         batch_size: int,
         on_batch: Callable[[int], None] | None,
     ) -> Generation:
-        s = self.setting
         return generate(
             loaded.model,
             loaded.tokenizer,
-            steps=s.steps,
-            method=s.method,
-            gamma=s.gamma,
-            sc_cfg=s.sc_cfg,
-            cfg=s.cfg,
-            time_schedule=s.time_schedule,
-            noise_scale=s.noise_scale,
+            **setting_kwargs(self.setting),
             num_samples=num_samples,
             length=self.length,
             seed=seed,

@@ -408,7 +408,10 @@ class Trainer:
     # -- samples -----------------------------------------------------------------------
 
     def sample_now(self) -> list[str]:
-        """A few samples from the EMA weights into samples/step_N.jsonl (main process)."""
+        """A few samples from the EMA weights into samples/step_N.jsonl (main process).
+
+        Conditional runs sample the first validation sources, with the preset's guidance.
+        """
         if not self.acc.is_main_process:
             return []
         from .model import ELF
@@ -420,21 +423,61 @@ class Trainer:
         ema_model.load_state_dict(self.ema.averaged_state_dict(self.raw_model), assign=True)
         ema_model.eval()
         setting = cfg.sampling[0]
+        kwargs = setting_kwargs(setting)
+        condition, sources, references = self._sample_conditions()
+        if condition is None:
+            kwargs["cfg"] = 1.0  # nothing to guide towards
         result = generate(
             ema_model,
             self.tokenizer,
-            **{**setting_kwargs(setting), "cfg": 1.0},  # periodic samples are unconditional
+            **kwargs,
             num_samples=cfg.train.sample_count,
             length=setting.length or cfg.data.max_length,
             seed=cfg.train.seed,
+            condition=condition,
             precision="auto",
         )
         rows = [
-            records.sample_row(i, t, tokens=k, seed=cfg.train.seed, meta={"step": self.step})
-            for i, (t, k) in enumerate(zip(result.texts, result.tokens, strict=True))
+            records.sample_row(
+                i,
+                text,
+                tokens=tokens,
+                condition=sources[i] if sources else None,
+                reference=references[i] if references else None,
+                seed=cfg.train.seed,
+                meta={"step": self.step},
+            )
+            for i, (text, tokens) in enumerate(zip(result.texts, result.tokens, strict=True))
         ]
         records.write_samples(self.run_dir / "samples" / f"step_{self.step:08d}.jsonl", rows)
         return result.texts
+
+    def _sample_conditions(self):
+        """(Condition, sources, references) of the first validation rows, or Nones."""
+        data = self.cfg.data
+        if not data.conditional or not data.validation:
+            return None, None, None
+        if not hasattr(self, "_conditions"):
+            from .conditions import encode_conditions, read_sources
+
+            sources, references = read_sources(
+                data.validation,
+                data.source_field,
+                data.target_field,
+                split=data.validation_split,
+                limit=self.cfg.train.sample_count,
+            )
+            condition, _ = encode_conditions(
+                self.encoder,
+                self.tokenizer,
+                sources,
+                data.max_length,
+                data.max_input_length,
+                self.device,
+                data.pad_token,
+            )
+            self._conditions = condition, sources, references
+        return self._conditions
 
 
 def _maybe_no_sync(accelerator, model, sync: bool):

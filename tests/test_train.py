@@ -232,3 +232,23 @@ def test_two_cpu_processes_under_accelerate_train_log_once_and_checkpoint_once(t
     state = list_step_dirs(run / "checkpoints")[0] / "training_state"
     assert sorted(p.name for p in state.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
     assert "2 processes" in proc.stderr + proc.stdout
+
+
+def test_periodic_samples_of_a_conditional_run_are_conditioned_on_validation_sources(tmp_path):
+    cfg = resolve(
+        "tiny-translate",
+        sets=[s for s in SMALL if not s.startswith("train.checkpoint")]
+        + [
+            "train.max_steps=2",
+            "train.sample_every=2",
+            "train.sample_count=3",
+            "sampling.0.steps=2",
+        ],
+    )
+    train(cfg, tmp_path / "run", accelerator=make_accelerator(cpu=True))
+    rows = [
+        json.loads(r)
+        for r in (tmp_path / "run" / "samples" / "step_00000002.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 3
+    assert all(r["condition"] and r["reference"] for r in rows)

@@ -219,3 +219,23 @@ def test_same_seed_same_samples_and_explicit_noise_reproduces_exactly(word_token
     d = generate(model, word_tokenizer, seed=1, noise=noise, **kwargs)
     assert c.tokens == d.tokens
     assert all(isinstance(t, str) for t in a.texts)
+
+
+def test_the_step_loop_never_reads_a_tensor_back_to_the_host(monkeypatch):
+    """On a GPU any of these would be a host sync inside the loop; here they must not run."""
+    model = make_model()
+    cond = make_condition()
+
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called inside the sampling loop")
+
+        return fail
+
+    settings = SamplerSettings(steps=3, method="sde", gamma=1.5, sc_cfg=2.0, cfg=2.0)
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    with torch.no_grad():
+        z = sample_latents(model, settings, torch.randn(2, 6, 16), torch.Generator(), cond)
+    monkeypatch.undo()
+    assert torch.isfinite(z).all()

@@ -26,7 +26,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-console = Console(stderr=True)  # human-facing output; stdout is kept for --json
+# Human-facing output; stdout is kept for --json. soft_wrap: log lines stay whole in files.
+console = Console(stderr=True, soft_wrap=True)
 out = Console()  # machine-readable output (--json) and result tables
 
 _state = {"debug": False}

@@ -142,7 +142,8 @@ def sample_latents(
             z = restore(z, condition)
         elif settings.method not in ("sde", "ode"):
             raise ValueError(f"unknown sampler {settings.method!r}")
-        x_hat, v = denoise(model, z, x_prev, t.expand(B), sc_scale, settings.cfg, condition, t_eps)
+        t_rows = t.expand(B).contiguous()  # one stride for every call: no recompiles
+        x_hat, v = denoise(model, z, x_prev, t_rows, sc_scale, settings.cfg, condition, t_eps)
         z = restore(flow.ode_step(z, v, t, t_next), condition)
         x_prev = x_hat
     return z

@@ -9,6 +9,7 @@ import typer
 
 from ..config import preset_names
 from .app import app, console, handle_errors, out
+from .progress import fit_with_progress
 
 
 @app.command(
@@ -105,7 +106,7 @@ def distill(
                 f"{accelerator.device}",
                 highlight=False,
             )
-            return _fit_with_progress(trainer)
+            return fit_with_progress(trainer, f"round {trainer.round}", "pd")
         return trainer.fit()
 
     results = run_curriculum(
@@ -144,25 +145,3 @@ def distill(
             ],
         }
         out.print_json(json.dumps(summary))
-
-
-def _fit_with_progress(trainer):
-    from .progress import progress
-
-    latest = {}
-
-    def status() -> str:
-        if not latest:
-            return ""
-        r = latest
-        return f"loss {r['loss']:.3f} pd {r['l2']:.3f} ce {r['ce']:.3f} lr {r['lr']:.2e}"
-
-    remaining = trainer.total_steps - trainer.step
-    with progress(f"round {trainer.round}", remaining, "steps", extra=status) as advance:
-
-        def on_step(report) -> None:
-            if report.record is not None:
-                latest.update(report.record)
-            advance(1)
-
-        return trainer.fit(on_step)

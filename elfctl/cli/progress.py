@@ -76,3 +76,30 @@ def progress(
             )
 
     yield advance_plain
+
+
+def fit_with_progress(trainer, description: str = "training", l2_name: str = "l2"):
+    """Run `trainer.fit` under a progress bar whose status is the latest logged record.
+
+    `l2_name` labels the regression part of the loss ("pd" for distillation).
+    """
+    latest: dict = {}
+
+    def status() -> str:
+        if not latest:
+            return ""
+        r = latest
+        return (
+            f"loss {r['loss']:.3f} {l2_name} {r['l2']:.3f} ce {r['ce']:.3f} lr {r['lr']:.2e} "
+            f"{r['tokens_per_s']:.0f} tok/s"
+        )
+
+    remaining = trainer.total_steps - trainer.step
+    with progress(description, remaining, "steps", extra=status) as advance:
+
+        def on_step(report) -> None:
+            if report.record is not None:
+                latest.update(report.record)
+            advance(1)
+
+        return trainer.fit(on_step)

@@ -9,6 +9,7 @@ import typer
 
 from ..config import preset_names
 from .app import app, console, handle_errors, out
+from .progress import fit_with_progress
 
 
 def _train_help() -> str:
@@ -76,7 +77,7 @@ def train(
             f"{trainer.accum} accumulation) on {accelerator.device}",
             highlight=False,
         )
-    result = _fit_with_progress(trainer) if main else trainer.fit()
+    result = fit_with_progress(trainer) if main else trainer.fit()
     if main:
         rec = result.last_record or {}
         console.print(
@@ -96,28 +97,3 @@ def train(
                     }
                 )
             )
-
-
-def _fit_with_progress(trainer):
-    from .progress import progress
-
-    latest = {}
-
-    def status() -> str:
-        if not latest:
-            return ""
-        r = latest
-        return (
-            f"loss {r['loss']:.3f} l2 {r['l2']:.3f} ce {r['ce']:.3f} lr {r['lr']:.2e} "
-            f"{r['tokens_per_s']:.0f} tok/s"
-        )
-
-    remaining = trainer.total_steps - trainer.step
-    with progress("training", remaining, "steps", extra=status) as advance:
-
-        def on_step(report) -> None:
-            if report.record is not None:
-                latest.update(report.record)
-            advance(1)
-
-        return trainer.fit(on_step)

@@ -24,13 +24,19 @@ here they are padding, and only the condition positions' latents are kept.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .data import collate, is_save_to_disk_folder, is_save_to_disk_metadata, tokenize
+from .data import (
+    collate,
+    is_save_to_disk_folder,
+    is_save_to_disk_metadata,
+    jsonl_objects,
+    read_text,
+    tokenize,
+)
 from .errors import UserError
 from .sampler import Condition
 
@@ -95,7 +101,7 @@ def _looks_like_local_path(name: str) -> bool:
 
 def read_txt_sources(file: Path) -> list[str]:
     """One source per non-blank line (surrounding whitespace stripped)."""
-    return [line.strip() for line in _read_text(file).splitlines() if line.strip()]
+    return [line.strip() for line in read_text(file).splitlines() if line.strip()]
 
 
 def read_jsonl_sources(
@@ -103,18 +109,9 @@ def read_jsonl_sources(
 ) -> list[tuple[str, str | None]]:
     """(source, reference or None) per non-blank line; bad lines name file and line."""
     pairs: list[tuple[str, str | None]] = []
-    for number, line in enumerate(_read_text(file).splitlines(), start=1):
-        if limit is not None and len(pairs) >= limit:
-            break
-        if not line.strip():
-            continue
-        where = f"{file}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg}).") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object.")
+    if limit is not None and limit <= 0:
+        return pairs
+    for where, record in jsonl_objects(file):
         if source_field not in record:
             raise UserError(f"{where}: missing the source field '{source_field}'.")
         source = record[source_field]
@@ -128,14 +125,9 @@ def read_jsonl_sources(
                 f"{where}: field '{reference_field}' must be a string or null, not {kind}."
             )
         pairs.append((source, reference))
+        if limit is not None and len(pairs) >= limit:
+            break  # lines past the limit are not read
     return pairs
-
-
-def _read_text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{file} is not UTF-8 text (byte {e.start}).") from None
 
 
 def dataset_sources(

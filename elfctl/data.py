@@ -303,40 +303,45 @@ def text_files(path: Path) -> list[Path]:
 
 
 def read_txt_examples(file: Path, text_mode: str) -> list[str]:
-    text = _read_text(file)
+    text = read_text(file)
     if text_mode == "file":
         return [text.strip()] if text.strip() else []
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def jsonl_objects(file: Path) -> Iterator[tuple[str, dict]]:
+    """("<file>, line N", object) per non-blank line; malformed lines name file and line."""
+    for number, line in enumerate(read_text(file).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{file}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg}).") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object.")
+        yield where, record
 
 
 def read_jsonl_examples(file: Path, cfg: DataConfig) -> list[tuple[str | None, str]]:
     """(source or None, target) per non-blank line; malformed lines name file and line."""
     fields = [cfg.source_field, cfg.target_field] if cfg.conditional else [cfg.text_field]
     examples: list[tuple[str | None, str]] = []
-    for number, line in enumerate(_read_text(file).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{file}, line {number}: not valid JSON ({e.msg}).") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{file}, line {number}: expected a JSON object.")
+    for where, record in jsonl_objects(file):
         values = []
         for name in fields:
             if name not in record:
-                raise UserError(f"{file}, line {number}: missing field '{name}'.")
+                raise UserError(f"{where}: missing field '{name}'.")
             if not isinstance(record[name], str):
                 kind = type(record[name]).__name__
-                raise UserError(
-                    f"{file}, line {number}: field '{name}' must be a string, not {kind}."
-                )
+                raise UserError(f"{where}: field '{name}' must be a string, not {kind}.")
             values.append(record[name])
         examples.append((values[0], values[1]) if cfg.conditional else (None, values[0]))
     return examples
 
 
-def _read_text(file: Path) -> str:
+def read_text(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -125,35 +125,25 @@ def torch_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
-    """Read the architecture off a JAX tree's shapes; a missing key tensor is a UserError."""
+    """Read the architecture off a JAX tree's shapes; a missing key tensor is a UserError.
 
-    def get(name: str) -> tuple[int, ...]:
-        if name not in shapes:
-            raise UserError(f"The checkpoint has no tensor '{name}', so it is not an ELF model.")
-        return shapes[name]
+    The shapes are mapped to the torch layout and read by `model.infer_model_config`, so
+    both formats share one rule.
+    """
+    import torch
 
-    H = get("t_emb_tokens")[-1]
-    C, V = get("unembed_kernel")
-    head_dim = get("blocks_0/attn/q_norm/weight")[0]
-    inner = get("blocks_0/mlp/w3/kernel")[0]
-    blocks = [int(m.group(1)) for k in shapes if (m := re.match(r"blocks_(\d+)/", k))]
-    # int(H * ratio * 2/3) == inner: prefer the round ratio (4.0) that reproduces it.
-    candidates = [round(inner * 3 / (2 * H), 2), inner * 3 / (2 * H), (inner + 0.5) * 3 / (2 * H)]
-    mlp_ratio = next((r for r in candidates if int(H * r * 2 / 3) == inner), candidates[1])
-    sc, mode = shapes.get("self_cond_cfg_tokens"), shapes.get("mode_tokens")
-    return ModelConfig(
-        hidden_size=H,
-        depth=max(blocks) + 1,
-        num_heads=max(1, H // max(1, head_dim)),
-        mlp_ratio=mlp_ratio,
-        bottleneck=get("text_proj/proj1/kernel")[-1],
-        latent_dim=C,
-        vocab_size=V,
-        num_time_tokens=get("t_emb_tokens")[1],
-        num_sc_tokens=sc[1] if sc and len(sc) == 3 else 0,
-        num_mode_tokens=mode[1] if mode and len(mode) == 3 else 0,
-        self_cond="self_cond_proj/kernel" in shapes,
-    )
+    from .model import infer_model_config
+
+    meta = {}
+    for jax_name, shape in shapes.items():
+        name, transpose = torch_name(jax_name)
+        meta[name] = torch.empty(
+            tuple(reversed(shape)) if transpose else tuple(shape), device="meta"
+        )
+    try:
+        return infer_model_config(meta)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"The checkpoint is not an ELF model: {e.args[0]}.") from None
 
 
 def validate_tree(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, subtree: str) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -133,6 +133,10 @@ class PDDraws:
     use_self_cond: torch.Tensor  # (B,) bool: self-condition = teacher's x_hat (else zeros)
     sc_scale: torch.Tensor  # (B,) SC-CFG scale w, fed to teacher and student
     drop_condition: torch.Tensor  # (B,) bool: label drop
+
+    def rows(self, index: torch.Tensor) -> PDDraws:
+        """The draws of the rows `index` (a 1-D index tensor), in that order."""
+        return PDDraws(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
 def draw_pd(
@@ -271,13 +275,15 @@ def pd_inputs(
     z_s = keep_condition(flow.add_noise(x, draws.eps, t_s, noise_scale), x, cond_mask)
     w = draws.sc_scale
     zeros = keep_condition(torch.zeros_like(x), x, cond_mask)
-    if model_config(teacher).self_cond:
-        # The teacher's own x_hat at (z_s, t_s) from a zero self-condition.
-        x_first, _ = teacher(torch.cat([z_s, zeros], dim=-1), t_s, sc_scale=w)
-        x_first = keep_condition(x_first.float(), x, cond_mask)
-        self_cond = torch.where(_rows(draws.use_self_cond), x_first, zeros)
-    else:
-        self_cond = zeros
+    self_cond = zeros
+    takes = draws.use_self_cond.nonzero().squeeze(1)
+    if model_config(teacher).self_cond and len(takes):
+        # The teacher's own x_hat at (z_s, t_s) from a zero self-condition, run only on the
+        # rows that take it (the others get zeros).
+        inputs = torch.cat([z_s[takes], zeros[takes]], dim=-1)
+        x_first, _ = teacher(inputs, t_s[takes], sc_scale=w[takes])
+        x_first = keep_condition(x_first.float(), x[takes], cond_mask[takes])
+        self_cond = zeros.index_copy(0, takes, x_first)
     times = teacher_times(t_s, t_t, draws.inner)
     z_end, x_direct = teacher_trajectory(teacher, z_s, self_cond, times, w, x, cond_mask, t_eps)
     target = pd_target(z_s, z_end, t_s, t_t, x_direct)
@@ -307,35 +313,45 @@ def distill_loss(
     """
     cond_mask, loss_mask = cond_mask.bool(), loss_mask.bool()
     x = drop_labels(x, cond_mask, draws.drop_condition)
-    pd = pd_inputs(teacher, x, cond_mask, draws, span, cfg.noise_scale, t_eps)
+    is_dec = draws.is_decoder
+    zeros = keep_condition(torch.zeros_like(x), x, cond_mask)
+
+    # The teacher runs on the PD rows only; decoder rows keep zeros in these slots.
+    z_s, self_cond, target = zeros, zeros, torch.zeros_like(x)
+    t_in = torch.ones_like(draws.u)
+    pd_rows = (~is_dec).nonzero().squeeze(1)
+    if len(pd_rows):
+        sub = (x[pd_rows], cond_mask[pd_rows], draws.rows(pd_rows))
+        pd = pd_inputs(teacher, *sub, span, cfg.noise_scale, t_eps)
+        z_s = z_s.index_copy(0, pd_rows, pd.z_s)
+        self_cond = self_cond.index_copy(0, pd_rows, pd.self_cond)
+        target = target.index_copy(0, pd_rows, pd.target)
+        t_in = t_in.index_copy(0, pd_rows, pd.t_s)
 
     # One gradient forward over the mixed batch, exactly as in the base objective.
-    is_dec = draws.is_decoder
     rows = _rows(is_dec)
-    zeros = keep_condition(torch.zeros_like(x), x, cond_mask)
     z_dec = decoder_input(x, draws.dec_noise, draws.lam, cfg.decoder_noise_scale, cond_mask)
-    z_in = torch.where(rows, z_dec, pd.z_s)
-    x_prev_in = torch.where(rows, zeros, pd.self_cond)
-    t_in = torch.where(is_dec, torch.ones_like(pd.t_s), pd.t_s)
+    z_in = torch.where(rows, z_dec, z_s)
+    x_prev_in = torch.where(rows, zeros, self_cond)
     inputs = torch.cat([z_in, x_prev_in], dim=-1) if model_config(student).self_cond else z_in
     x_hat, logits = student(inputs, t_in, sc_scale=draws.sc_scale, decode=is_dec.float())
 
-    squared = (x_hat.float() - pd.target).pow(2).mean(-1)  # (B, S)
+    squared = (x_hat.float() - target).pow(2).mean(-1)  # (B, S)
     ce = F.cross_entropy(logits.float().transpose(1, 2), input_ids, reduction="none")  # (B, S)
     mask = loss_mask.float()
     tokens = mask.sum(-1).clamp_min(1)  # (B,)
     ce_row = (ce * mask).sum(-1) / tokens
     mse_row = (squared * mask).sum(-1) / tokens
-    dec, pd_rows = is_dec.float(), (~is_dec).float()
-    per_example = dec * ce_row + pd_rows * mse_row  # (B,)
+    dec, is_pd = is_dec.float(), (~is_dec).float()
+    per_example = dec * ce_row + is_pd * mse_row  # (B,)
     if denominator is None:
         denominator = float(x.shape[0])
     return LossParts(
         loss=per_example.sum() / denominator,
         ce_sum=(dec * ce_row).sum().detach(),
-        l2_sum=(pd_rows * mse_row).sum().detach(),
+        l2_sum=(is_pd * mse_row).sum().detach(),
         ce_tokens=dec.sum(),
-        l2_tokens=pd_rows.sum(),
+        l2_tokens=is_pd.sum(),
     )
 
 

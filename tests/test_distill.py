@@ -195,8 +195,9 @@ def test_teacher_sub_steps_chain_self_conditioning_and_share_the_students_first_
     pd = pd_inputs(teacher, x, no_cond, draws, span=0.25, noise_scale=2.0, t_eps=T_EPS)
     first, *steps = teacher.calls  # the zero-self-condition call, then 4 sub-steps
     assert len(steps) == 4
-    assert torch.equal(first["x_prev"], torch.zeros(B, S, C))
-    assert torch.equal(first["z"], pd.z_s) and torch.equal(first["t"], pd.t_s)
+    # The zero-self-condition call runs on the rows that take the half only: row 0.
+    assert torch.equal(first["x_prev"], torch.zeros(1, S, C))
+    assert torch.equal(first["z"], pd.z_s[:1]) and torch.equal(first["t"], pd.t_s[:1])
     # The half: row 0 = the teacher's x_hat from that call, row 1 = zeros.
     torch.testing.assert_close(pd.self_cond[0], 0.5 * pd.z_s[0])
     assert pd.self_cond[1].abs().sum() == 0
@@ -206,8 +207,9 @@ def test_teacher_sub_steps_chain_self_conditioning_and_share_the_students_first_
     ts = torch.stack([c["t"] for c in steps] + [pd.t_t], dim=1)
     torch.testing.assert_close(ts, pd.times)
     torch.testing.assert_close(ts[:, 0], torch.tensor([0.3, 0.6]) * (1 - 0.25))  # u (1 - span)
-    for call in teacher.calls:
-        assert torch.equal(call["w"], draws.sc_scale)  # the SC-CFG scale reaches every call
+    assert torch.equal(first["w"], draws.sc_scale[:1])  # the SC-CFG scale reaches every call
+    for call in steps:
+        assert torch.equal(call["w"], draws.sc_scale)
 
 
 def test_condition_positions_never_move():
@@ -293,6 +295,43 @@ def test_loss_is_the_mean_over_examples_of_per_example_ce_or_pd_error(conditiona
     # A given denominator replaces the batch size (the trainer's global example count).
     halved = distill_loss(student, teacher, x, ids, cond, loss_mask, d, cfg, 0.25, T_EPS, 2 * B)
     torch.testing.assert_close(halved.loss, slow / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_the_teacher_runs_only_on_the_rows_that_use_it():
+    # Decoder rows never see the teacher; the zero-self-condition call covers only the PD
+    # rows that take the teacher's half. Same loss as computing everything for every row.
+    B, S, C = 6, 5, 16
+    gen = torch.Generator().manual_seed(7)
+    student = randomize_(ELF(tiny_model_config()), seed=1, std=0.15)
+    teacher = randomize_(ELF(tiny_model_config()), seed=2, std=0.15).eval()
+    rows_seen = []
+    teacher.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
+    d = replace(
+        draw_pd(B, S, C, 4, ObjectiveConfig(), "cpu", gen),
+        is_decoder=torch.tensor([True, False, False, True, False, False]),
+        use_self_cond=torch.tensor([True, True, False, False, True, False]),
+    )
+    x = torch.randn(B, S, C, generator=gen)
+    ids = torch.randint(0, 18, (B, S), generator=gen)
+    no_cond, mask = torch.zeros(B, S, dtype=torch.bool), torch.ones(B, S, dtype=torch.bool)
+    parts = distill_loss(student, teacher, x, ids, no_cond, mask, d, ObjectiveConfig(), 0.25, T_EPS)
+    assert rows_seen == [2, 4, 4, 4, 4]  # rows 1 and 4 take the half; 4 PD rows x 4 sub-steps
+    slow = slow_distill_loss(student, teacher, x, ids, no_cond, mask, d, ObjectiveConfig(), 0.25)
+    torch.testing.assert_close(parts.loss, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_of_decoder_rows_only_needs_no_teacher():
+    B, S, C = 3, 4, 16
+    gen = torch.Generator().manual_seed(8)
+    student = randomize_(ELF(tiny_model_config()), seed=1, std=0.15)
+    teacher = randomize_(ELF(tiny_model_config()), seed=2, std=0.15).eval()
+    teacher.register_forward_hook(lambda *a: pytest.fail("the teacher ran"))
+    d = replace(draw_pd(B, S, C, 4, ObjectiveConfig(), "cpu", gen), is_decoder=torch.ones(B) > 0)
+    x = torch.randn(B, S, C, generator=gen)
+    ids = torch.randint(0, 18, (B, S), generator=gen)
+    no_cond, mask = torch.zeros(B, S, dtype=torch.bool), torch.ones(B, S, dtype=torch.bool)
+    parts = distill_loss(student, teacher, x, ids, no_cond, mask, d, ObjectiveConfig(), 0.5, T_EPS)
+    assert parts.l2_tokens.item() == 0 and torch.isfinite(parts.loss)
 
 
 def test_gradients_reach_the_student_and_never_the_teacher():

@@ -37,6 +37,7 @@ from .errors import UserError
 from .objective import (
     LossParts,
     decoder_input,
+    draw_branches,
     drop_labels,
     encode_batch,
     keep_condition,
@@ -142,25 +143,14 @@ class PDDraws:
 def draw_pd(
     B: int, S: int, C: int, substeps: int, cfg: ObjectiveConfig, device, generator=None
 ) -> PDDraws:
-    def uniform(*shape):
-        return torch.rand(shape, generator=generator, device=device)
-
-    def normal(*shape):
-        return torch.randn(shape, generator=generator, device=device)
-
     def logit_normal(*shape):
         return flow.logit_normal(shape, cfg.p_mean, cfg.p_std, generator, device)
 
     return PDDraws(
         u=logit_normal(B),
-        eps=normal(B, S, C),
+        eps=torch.randn((B, S, C), generator=generator, device=device),
         inner=logit_normal(B, substeps - 1).sort(dim=-1).values,
-        is_decoder=uniform(B) < cfg.decoder_prob,
-        lam=torch.sigmoid(normal(B, S, 1) * cfg.decoder_lam_std + cfg.decoder_lam_mean),
-        dec_noise=normal(B, S, C),
-        use_self_cond=uniform(B) < cfg.self_cond_prob,
-        sc_scale=flow.log_uniform_shifted(uniform(B), cfg.sc_cfg_min, cfg.sc_cfg_max),
-        drop_condition=uniform(B) < cfg.label_drop_prob,
+        **draw_branches(B, S, C, cfg, device, generator),
     )
 
 

@@ -36,23 +36,32 @@ class Draws:
 
 
 def draw(B: int, S: int, C: int, cfg: ObjectiveConfig, device, generator=None) -> Draws:
+    t = flow.sample_time((B,), cfg.time_schedule, cfg.p_mean, cfg.p_std, generator, device)
+    eps = torch.randn((B, S, C), generator=generator, device=device)
+    return Draws(t=t, eps=eps, **draw_branches(B, S, C, cfg, device, generator))
+
+
+def draw_branches(
+    B: int, S: int, C: int, cfg: ObjectiveConfig, device, generator=None
+) -> dict[str, torch.Tensor]:
+    """The draws every ELF objective shares, drawn in this order (the base objective and
+    distillation take them after their own time and noise draws): the decoder branch and
+    its input, the self-conditioning half, the SC-CFG scale and the label drop."""
+
     def uniform(*shape):
         return torch.rand(shape, generator=generator, device=device)
 
     def normal(*shape):
         return torch.randn(shape, generator=generator, device=device)
 
-    t = flow.sample_time((B,), cfg.time_schedule, cfg.p_mean, cfg.p_std, generator, device)
-    return Draws(
-        t=t,
-        eps=normal(B, S, C),
-        is_decoder=uniform(B) < cfg.decoder_prob,
-        lam=torch.sigmoid(normal(B, S, 1) * cfg.decoder_lam_std + cfg.decoder_lam_mean),
-        dec_noise=normal(B, S, C),
-        use_self_cond=uniform(B) < cfg.self_cond_prob,
-        sc_scale=flow.log_uniform_shifted(uniform(B), cfg.sc_cfg_min, cfg.sc_cfg_max),
-        drop_condition=uniform(B) < cfg.label_drop_prob,
-    )
+    return {
+        "is_decoder": uniform(B) < cfg.decoder_prob,
+        "lam": torch.sigmoid(normal(B, S, 1) * cfg.decoder_lam_std + cfg.decoder_lam_mean),
+        "dec_noise": normal(B, S, C),
+        "use_self_cond": uniform(B) < cfg.self_cond_prob,
+        "sc_scale": flow.log_uniform_shifted(uniform(B), cfg.sc_cfg_min, cfg.sc_cfg_max),
+        "drop_condition": uniform(B) < cfg.label_drop_prob,
+    }
 
 
 def keep_condition(z: torch.Tensor, x: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:

@@ -31,10 +31,13 @@ import torch
 
 from .data import (
     collate,
+    dataset_snapshot,
     is_save_to_disk_folder,
-    is_save_to_disk_metadata,
     jsonl_objects,
+    load_dataset_or_none,
+    load_hub_rows,
     read_text,
+    save_to_disk_root,
     tokenize,
 )
 from .errors import UserError
@@ -188,25 +191,12 @@ def _load_hub(repo_id: str, split: str | None):
     With a split named, only that split is loaded (the lead's `load_hub_rows`). Without
     one, every split is loaded and `pick_split` chooses.
     """
-    from .data import load_hub_rows, save_to_disk_root
-
     if split is not None:
         return load_hub_rows(repo_id, split)
-    from datasets import load_dataset
-
-    try:
-        data = load_dataset(repo_id)
-    except ValueError as e:
-        if "save_to_disk" not in str(e):
-            raise UserError(f"Could not load dataset '{repo_id}': {e}") from None
-        data = None  # a local save_to_disk folder: datasets says so itself
-    except OSError as e:
-        raise UserError(f"Could not load dataset '{repo_id}' from the hub: {e}") from None
-    if data is not None and not any(is_save_to_disk_metadata(d) for d in data.values()):
+    data = load_dataset_or_none(repo_id)
+    if data is not None:
         return pick_split(data, None, repo_id)
-    from .data import _snapshot
-
-    return _load_disk(save_to_disk_root(_snapshot(repo_id)), None)
+    return _load_disk(save_to_disk_root(dataset_snapshot(repo_id)), None)
 
 
 # ---------------------------------------------------------------------------

@@ -212,22 +212,32 @@ def load_hub_rows(repo_id: str, split: str):
     `repo_id` may also be a local folder (what `load_dataset` accepts), which is
     then its own snapshot.
     """
+    rows = load_dataset_or_none(repo_id, split)
+    if rows is not None:
+        return rows
+    return load_disk_rows(save_to_disk_root(dataset_snapshot(repo_id)), split)
+
+
+def load_dataset_or_none(repo_id: str, split: str | None = None):
+    """`load_dataset(repo_id, split=split)` (every split when None), or None when the repo
+    holds a `save_to_disk` folder, which must then be loaded from its snapshot: `datasets`
+    either refuses it or reads its metadata as rows."""
     from datasets import load_dataset
 
     try:
-        rows = load_dataset(repo_id, split=split)
+        data = load_dataset(repo_id, split=split)
     except ValueError as e:
         if "save_to_disk" not in str(e):
             raise UserError(f"Could not load dataset '{repo_id}': {e}") from None
-        rows = None  # a local save_to_disk folder: datasets says so itself
+        return None  # a local save_to_disk folder: datasets says so itself
     except OSError as e:
         raise UserError(f"Could not load dataset '{repo_id}' from the hub: {e}") from None
-    if rows is not None and not is_save_to_disk_metadata(rows):
-        return rows
-    return load_disk_rows(save_to_disk_root(_snapshot(repo_id)), split)
+    parts = [data] if split is not None else list(data.values())
+    return None if any(is_save_to_disk_metadata(part) for part in parts) else data
 
 
-def _snapshot(repo_id: str) -> Path:
+def dataset_snapshot(repo_id: str) -> Path:
+    """A hub dataset repo's local snapshot; a local folder is its own snapshot."""
     if Path(repo_id).is_dir():
         return Path(repo_id)
     from huggingface_hub import snapshot_download

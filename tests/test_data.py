@@ -17,6 +17,7 @@ from elfctl.data import (
     EpochShuffler,
     collate,
     is_save_to_disk_metadata,
+    load_dataset_or_none,
     load_hub_rows,
     load_rows,
 )
@@ -245,6 +246,24 @@ def test_hub_style_folder_of_save_to_disk_metadata_falls_back_to_load_from_disk(
     rows = load_hub_rows(str(repo), "train")
     assert rows["input_ids"] == COLUMNS["input_ids"]
     assert rows["condition_input_ids"] == COLUMNS["condition_input_ids"]
+
+
+def test_save_to_disk_layouts_are_told_apart_from_real_data_with_or_without_a_split(tmp_path):
+    from datasets import Dataset
+
+    # Real data: every split, or the named one. save_to_disk bookkeeping or a refused
+    # save_to_disk folder: None, so the caller loads the snapshot with load_from_disk.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "a cat"}\n{"text": "a dog"}\n')
+    assert load_dataset_or_none(str(data))["train"]["text"] == ["a cat", "a dog"]
+    assert load_dataset_or_none(str(data), "train")["text"] == ["a cat", "a dog"]
+    repo = tmp_path / "repo"
+    Dataset.from_dict(COLUMNS).save_to_disk(str(repo / "saved"))
+    (repo / "card.json").write_text((repo / "saved" / "state.json").read_text())
+    assert load_dataset_or_none(str(repo)) is None
+    assert load_dataset_or_none(str(repo), "train") is None
+    assert load_dataset_or_none(str(repo / "saved")) is None
 
 
 def test_local_save_to_disk_folder_given_as_a_hub_id_loads(tmp_path):

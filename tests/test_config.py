@@ -93,6 +93,18 @@ def test_cli_print_config_and_errors_exit_2(tmp_path):
     assert all(name in listed.output for name in OFFICIAL + ["tiny"])
 
 
+@pytest.mark.parametrize("command", [["train"], ["distill", "--teacher", "x"]])
+def test_training_commands_share_their_flag_checks(command, tmp_path):
+    runner = CliRunner()
+    bare = runner.invoke(app, command + ["--run-dir", str(tmp_path)])
+    assert bare.exit_code == 2 and "Give --preset NAME or --config FILE" in bare.output
+    assert "tiny" in bare.output  # the presets are listed
+    args = command + ["--preset", "tiny", "--mixed-precision", "fp8", "--run-dir", str(tmp_path)]
+    fp8 = runner.invoke(app, args)
+    assert fp8.exit_code == 2 and "--mixed-precision must be no or bf16" in fp8.output
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
 def test_defaults_are_elf_b_on_t5_small():
     cfg = Config()
     assert cfg.model.vocab_size == 32100 and cfg.model.latent_dim == 512

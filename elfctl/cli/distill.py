@@ -10,6 +10,7 @@ import typer
 from ..config import preset_names
 from .app import app, console, handle_errors, out
 from .progress import fit_with_progress
+from .train import Cpu, JsonOut, MixedPrecision, PrintConfig, resolve_run_config
 
 
 @app.command(
@@ -56,28 +57,20 @@ def distill(
         None, "--max-steps", min=1, help="Steps per round (distill.steps_per_round)."
     ),
     resume: str = typer.Option("auto", "--resume", help="auto (resume each round) or never."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the config and exit."),
-    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is present."),
-    mixed_precision: str = typer.Option(
-        None, "--mixed-precision", help="no or bf16 (default: Accelerate's config)."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    print_config: PrintConfig = False,
+    cpu: Cpu = False,
+    mixed_precision: MixedPrecision = None,
+    json_out: JsonOut = False,
 ) -> None:
-    from ..config import dump_yaml, resolve
+    from ..config import dump_yaml
     from ..errors import UserError
 
-    if preset is None and config_file is None:
-        raise UserError(
-            f"Give --preset NAME or --config FILE (presets: {', '.join(preset_names())})."
-        )
     if rounds is not None and round_ is not None:
         raise UserError("Give either --rounds or --round, not both.")
     if resume not in ("auto", "never"):
         raise UserError(f"--resume must be auto or never, got '{resume}'.")
-    if mixed_precision not in (None, "no", "bf16", "fp16"):
-        raise UserError(f"--mixed-precision must be no or bf16, got '{mixed_precision}'.")
     overrides = {"distill.teacher": teacher, "distill.steps_per_round": max_steps}
-    cfg = resolve(preset, config_file, overrides, sets)
+    cfg = resolve_run_config(preset, config_file, overrides, sets, mixed_precision)
     if print_config:
         out.print(dump_yaml(cfg), highlight=False, soft_wrap=True)
         return

@@ -4,12 +4,41 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from ..config import preset_names
+from ..config import Config, preset_names
 from .app import app, console, handle_errors, out
 from .progress import fit_with_progress
+
+# Options shared by the training commands (train, distill).
+PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the config and exit.")]
+Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is present.")]
+MixedPrecision = Annotated[
+    str, typer.Option("--mixed-precision", help="no or bf16 (default: Accelerate's config).")
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+
+
+def resolve_run_config(
+    preset: str | None,
+    config_file: Path | None,
+    overrides: dict,
+    sets: list[str] | None,
+    mixed_precision: str | None,
+) -> Config:
+    """A training command's config, after checking the flags train and distill share."""
+    from ..config import resolve
+    from ..errors import UserError
+
+    if preset is None and config_file is None:
+        raise UserError(
+            f"Give --preset NAME or --config FILE (presets: {', '.join(preset_names())})."
+        )
+    if mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise UserError(f"--mixed-precision must be no or bf16, got '{mixed_precision}'.")
+    return resolve(preset, config_file, overrides, sets)
 
 
 def _train_help() -> str:
@@ -41,26 +70,18 @@ def train(
     resume: str = typer.Option(
         "auto", "--resume", help="auto (newest checkpoint in the run dir), never, or a path."
     ),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the config and exit."),
-    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is present."),
-    mixed_precision: str = typer.Option(
-        None, "--mixed-precision", help="no or bf16 (default: Accelerate's config)."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    print_config: PrintConfig = False,
+    cpu: Cpu = False,
+    mixed_precision: MixedPrecision = None,
+    json_out: JsonOut = False,
 ) -> None:
-    from ..config import dump_yaml, resolve
-    from ..errors import UserError
+    from ..config import dump_yaml
 
-    if preset is None and config_file is None:
-        raise UserError(
-            f"Give --preset NAME or --config FILE (presets: {', '.join(preset_names())})."
-        )
-    cfg = resolve(preset, config_file, {"train.max_steps": max_steps}, sets)
+    overrides = {"train.max_steps": max_steps}
+    cfg = resolve_run_config(preset, config_file, overrides, sets, mixed_precision)
     if print_config:
         out.print(dump_yaml(cfg), highlight=False, soft_wrap=True)
         return
-    if mixed_precision not in (None, "no", "bf16", "fp16"):
-        raise UserError(f"--mixed-precision must be no or bf16, got '{mixed_precision}'.")
 
     from ..train import Trainer, make_accelerator
 

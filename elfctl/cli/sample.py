@@ -150,15 +150,7 @@ def sample(
         precision=precision,
         compile=compile,
     )
-    console.print(
-        f"sampling {n} x {job.length} tokens from {repo} ({chosen.method.upper()}, "
-        f"{chosen.steps} steps, gamma {chosen.gamma}, SC-CFG {chosen.sc_cfg}, CFG {chosen.cfg}, "
-        f"{chosen.time_schedule} grid) on {device}",
-        highlight=False,
-    )
-    with progress("sampling", n, "samples") as advance:
-        info = job.run(loaded, out_dir, on_batch=advance)
-    _summarise(out_dir, info, json_out)
+    _run(job, loaded, out_dir, f"{n} x {job.length} tokens from {repo}", json_out)
 
 
 def _sample_from_sources(
@@ -205,14 +197,23 @@ def _sample_from_sources(
             f"({data.max_input_length} tokens) and are truncated to it",
             highlight=False,
         )
+    what = (
+        f"{n} outputs of up to {data.max_length - data.max_input_length} tokens "
+        f"conditioned on {input} from {repo}"
+    )
+    _run(job, loaded, out_dir, what, json_out)
+
+
+def _run(job, loaded, out_dir: Path, what: str, json_out: bool) -> None:
+    """Say what is sampled and how, sample with a progress bar, summarise."""
+    s = job.setting
+    gamma = f", gamma {s.gamma}" if s.method == "sde" else ""
     console.print(
-        f"sampling {n} outputs of up to {data.max_length - data.max_input_length} tokens "
-        f"conditioned on {input} from {repo} ({chosen.method.upper()}, {chosen.steps} steps, "
-        f"CFG {chosen.cfg}, SC-CFG {chosen.sc_cfg}, {chosen.time_schedule} grid) on "
-        f"{next(loaded.model.parameters()).device}",
+        f"sampling {what} ({s.method.upper()}, {s.steps} steps{gamma}, SC-CFG {s.sc_cfg}, "
+        f"CFG {s.cfg}, {s.time_schedule} grid) on {next(loaded.model.parameters()).device}",
         highlight=False,
     )
-    with progress("sampling", n, "samples") as advance:
+    with progress("sampling", job.num_samples, "samples") as advance:
         info = job.run(loaded, out_dir, on_batch=advance)
     _summarise(out_dir, info, json_out)
 

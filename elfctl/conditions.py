@@ -60,10 +60,12 @@ def read_sources(
     reference_field: str = "target",
     split: str | None = None,
     limit: int | None = None,
+    option: str = "--input",
 ) -> tuple[list[str], list[str | None]]:
     """(sources, references) from a file, a dataset folder or a hub dataset, in order.
 
     References are None where the input has none. `limit` keeps the first rows only.
+    `option` is the command-line option named in error messages.
     """
     if input.startswith("testbed:"):
         from .testbed.assets import resolve_testbed_uri
@@ -78,7 +80,7 @@ def read_sources(
             pairs = [(line, None) for line in read_txt_sources(path)][:limit]
         else:
             raise UserError(
-                f"Unsupported --input file {path}: expected .jsonl, .txt, a save_to_disk folder "
+                f"Unsupported {option} file {path}: expected .jsonl, .txt, a save_to_disk folder "
                 "or a hub dataset."
             )
     elif path.is_dir() and is_save_to_disk_folder(path):
@@ -89,9 +91,10 @@ def read_sources(
         rows = _load_hub(input if not path.is_dir() else str(path), split)
         pairs = dataset_sources(rows, input, source_field, reference_field, limit)
     else:
-        raise UserError(f"--input not found: {input}.")
+        raise UserError(f"{option} not found: {input}.")
     if not pairs:
-        raise UserError(f"--input {input} holds no sources.")
+        what = "sources" if option == "--input" else "texts"
+        raise UserError(f"{option} {input} holds no {what}.")
     return [s for s, _ in pairs], [r for _, r in pairs]
 
 

@@ -1,0 +1,277 @@
+"""`elfctl score-diversity` and `elfctl score-mauve`: degeneration and distribution metrics.
+
+They read inputs, show tables, print `--json` and append to metrics.jsonl exactly as the
+other scorers (cli/score.py) do; the maths lives in elfctl/diversity.py and
+elfctl/mauve_score.py. `score_diversity_files` / `score_mauve_files` are also what
+`eval --metrics` and `sweep` call, so their numbers are these commands' numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .. import records
+from .app import app, console, handle_errors
+from .score import FILES_HELP, JSON_HELP, _progress_for, read_inputs, report
+
+DIVERSITY_HELP = (
+    "Degeneration and diversity of each file: distinct-n (1-4, over the file), rep-n (1-4, "
+    "the share of repeated n-grams within a sample, averaged), self-BLEU (sacreBLEU sentence "
+    "BLEU of each sample against the others, over a fixed seeded subsample) and unigram "
+    "entropy.\n\ndistinct-n, rep-n and entropy count --tokenizer tokens (GPT-2 Large's by "
+    "default, so the entropy equals score-ppl's; 'words' for whitespace words). Empty "
+    "samples are skipped and counted. A record is appended to the metrics.jsonl beside each "
+    "input."
+)
+MAUVE_HELP = (
+    "MAUVE of each file against human references (the mauve-text package; "
+    "pip install 'elfctl\\[mauve]').\n\nFeatures are the last hidden state at each text's last "
+    "token under --model (GPT-2 Large by default, any local folder), truncated at "
+    "--max-length tokens; references are featurized once for all files. Each side needs at "
+    "least 10 non-empty texts. A record is appended to the metrics.jsonl beside each input."
+)
+
+DIVERSITY_COLUMNS = [
+    *[(f"dist-{n}", f"distinct_{n}") for n in (1, 2, 3, 4)],
+    *[(f"rep-{n}", f"rep_{n}") for n in (1, 2, 3, 4)],
+    ("self-BLEU", "self_bleu"),
+    ("entropy", "entropy"),
+]
+MAUVE_COLUMNS = [
+    ("empty", "n_empty"),
+    ("refs", "n_references"),
+    ("buckets", "num_buckets"),
+    ("MAUVE", "mauve"),
+]
+
+
+# ----------------------------------------------------------------------------- score-diversity
+
+
+def score_diversity_files(
+    inputs: list[tuple[Path, list[dict[str, Any]]]],
+    tokenizer_name: str,
+    *,
+    max_length: int,
+    self_bleu_samples: int,
+    seed: int,
+    write: bool = True,
+) -> list[dict[str, Any]]:
+    """Score each input with every diversity metric; append a record beside each (if `write`)."""
+    from .. import diversity
+
+    tokenizer = diversity.load_tokenizer(tokenizer_name)
+    units = "words" if tokenizer is None else f"{tokenizer_name} tokens"
+    out_records = []
+    for path, rows in inputs:
+        result = diversity.score_diversity(
+            [row["text"] for row in rows],
+            tokenizer,
+            max_length=max_length,
+            self_bleu_samples=self_bleu_samples,
+            seed=seed,
+        )
+        record = records.metrics_record(
+            path.resolve(),
+            "diversity",
+            result.to_dict(),
+            scorer=units,
+            n=len(rows),
+            max_length=max_length,
+            self_bleu="sacrebleu sentence BLEU (13a, exp smoothing, effective order)",
+            self_bleu_seed=seed,
+        )
+        if write:
+            records.append_metrics(path.parent, record)
+        out_records.append(record)
+    return out_records
+
+
+@app.command(
+    "score-diversity",
+    help=DIVERSITY_HELP,
+    epilog=(
+        "Examples:\n\n"
+        "  elfctl score-diversity outputs/owt-b-sde32\n\n"
+        "  elfctl score-diversity 'outputs/*/samples.jsonl' --tokenizer words --json\n\n"
+        "  elfctl score-diversity outputs/a outputs/b --self-bleu-samples 500 --seed 1"
+    ),
+)
+@handle_errors
+def score_diversity_command(
+    files: list[str] = typer.Argument(..., help=FILES_HELP, show_default=False),
+    tokenizer: str = typer.Option(
+        "gpt2-large",
+        "--tokenizer",
+        help="Tokens to count: a tokenizer hub id or local folder, or 'words'.",
+    ),
+    max_length: int = typer.Option(
+        1024, "--max-length", min=1, help="Truncate each sample to this many tokens."
+    ),
+    self_bleu_samples: int = typer.Option(
+        1000, "--self-bleu-samples", min=2, help="Size of the seeded self-BLEU subsample."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the self-BLEU subsample."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Diversity metrics of each file (help text: DIVERSITY_HELP)."""
+    inputs = read_inputs(files)
+    result_records = score_diversity_files(
+        inputs,
+        tokenizer,
+        max_length=max_length,
+        self_bleu_samples=self_bleu_samples,
+        seed=seed,
+    )
+    title = f"diversity ({result_records[0]['scorer']})"
+    report(result_records, title, DIVERSITY_COLUMNS, json_out)
+
+
+# ----------------------------------------------------------------------------- score-mauve
+
+
+def score_mauve_files(
+    inputs: list[tuple[Path, list[dict[str, Any]]]],
+    references: list[str],
+    model_name: str,
+    *,
+    references_name: str,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    seed: int = 25,
+    scaling: float = 5.0,
+    cpu: bool = False,
+    write: bool = True,
+) -> list[dict[str, Any]]:
+    """MAUVE of each input against `references`; append a record beside each (if `write`).
+
+    Every count is checked before the feature model is loaded; the references are
+    featurized once.
+    """
+    from accelerate import PartialState
+
+    from .. import mauve_score
+
+    mauve_score.require_mauve()
+    n_references = sum(1 for text in references if text)
+    for path, rows in inputs:
+        mauve_score.check_counts(sum(1 for r in rows if r["text"]), n_references, str(path))
+
+    device = PartialState(cpu=cpu).device
+    console.print(f"loading MAUVE feature model {model_name} on {device}", highlight=False)
+    model, tokenizer = mauve_score.load_featurizer(model_name, device)
+
+    def features(description: str, texts: list[str]):
+        with _progress_for(description, len(texts)) as advance:
+            done = 0
+
+            def on_batch(n_done: int, n_total: int) -> None:
+                nonlocal done
+                advance(n_done - done)
+                done = n_done
+
+            return mauve_score.featurize(
+                texts,
+                model,
+                tokenizer,
+                batch_size=batch_size,
+                max_length=max_length,
+                on_batch=on_batch,
+            )
+
+    reference_features = features(f"features {references_name}", references)
+    settings = {
+        "references": references_name,
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "seed": seed,
+        "scaling": scaling,
+        "device": str(device),
+    }
+    out_records = []
+    for path, rows in inputs:
+        texts = [row["text"] for row in rows]
+        sample_features = features(f"features {path}", texts)
+        result = mauve_score.mauve_from_features(
+            sample_features,
+            reference_features,
+            n_empty=len(texts) - len(sample_features),
+            seed=seed,
+            scaling=scaling,
+        )
+        record = records.metrics_record(
+            path.resolve(), "mauve", result.to_dict(), scorer=model_name, n=len(rows), **settings
+        )
+        if write:
+            records.append_metrics(path.parent, record)
+        out_records.append(record)
+    return out_records
+
+
+def load_references(source: str, field: str, split: str | None, limit: int) -> list[str]:
+    from ..mauve_score import read_references
+
+    return read_references(source, field, split, limit)
+
+
+@app.command(
+    "score-mauve",
+    help=MAUVE_HELP,
+    epilog=(
+        "Examples:\n\n"
+        "  elfctl score-mauve outputs/owt-b-sde32 --references owt-valid.jsonl\n\n"
+        "  elfctl score-mauve outputs/tiny --references testbed:grammar/validation "
+        "--model ./tiny-gpt2\n\n"
+        "  elfctl score-mauve 'outputs/*' --references human.txt --num-references 1000 --json"
+    ),
+)
+@handle_errors
+def score_mauve_command(
+    files: list[str] = typer.Argument(..., help=FILES_HELP, show_default=False),
+    references: str = typer.Option(
+        ...,
+        "--references",
+        help=(
+            "Human text: a samples file or run dir, a .jsonl file (--reference-field), a .txt "
+            "file (one text per line), a save_to_disk folder or a hub dataset."
+        ),
+    ),
+    reference_field: str = typer.Option(
+        "text", "--reference-field", help="Text field of --references rows."
+    ),
+    split: str = typer.Option(None, "--split", help="Dataset split of --references."),
+    num_references: int = typer.Option(
+        5000, "--num-references", min=1, help="Use the first N references."
+    ),
+    model: str = typer.Option(
+        "gpt2-large", "--model", help="Feature model: a hub id or local folder."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Texts per forward pass."),
+    max_length: int = typer.Option(
+        1024, "--max-length", min=1, help="Truncate each text to this many tokens."
+    ),
+    seed: int = typer.Option(25, "--seed", help="k-means seed (mauve-text's default: 25)."),
+    scaling: float = typer.Option(
+        5.0, "--scaling", min=0.0, help="MAUVE scaling factor c (mauve-text's default: 5)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    cpu: bool = typer.Option(False, "--cpu", help="Featurize on the CPU even if a GPU is present."),
+) -> None:
+    """MAUVE of each file (help text: MAUVE_HELP)."""
+    inputs = read_inputs(files)
+    texts = load_references(references, reference_field, split, num_references)
+    result_records = score_mauve_files(
+        inputs,
+        texts,
+        model,
+        references_name=references,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        scaling=scaling,
+        cpu=cpu,
+    )
+    report(result_records, f"MAUVE ({model} features)", MAUVE_COLUMNS, json_out)

@@ -13,6 +13,9 @@ ROUGE, both if they name neither. Conditional presets are sampled conditioned on
 n rows of the preset's validation set (`data.validation`: raw `input` source text and
 `target` reference text), so their paper column shows the validation number first.
 
+`--metrics` (`EvalRequest.metrics`) replaces that choice of scorers with its own list:
+Gen PPL, BLEU, ROUGE, MAUVE, diversity (any of them, for any preset).
+
 All settings are sampled first, then each scorer runs once over all of them (one load of
 GPT-2 Large, not one per setting). Scoring itself is a hook (`ScoreFn`): `elfctl eval`
 passes the functions behind `score-ppl` / `score-bleu` / `score-rouge`, so eval's numbers
@@ -52,6 +55,16 @@ SCORER_METRICS = {
     "gen_ppl": ("gen_ppl", "entropy"),
     "bleu": ("bleu",),
     "rouge": ("rouge1", "rouge2", "rougeL"),
+    "mauve": ("mauve",),
+    "diversity": ("distinct_4", "rep_4", "self_bleu"),
+}
+# `--metrics` names -> scorer kinds.
+METRIC_CHOICES = {
+    "ppl": "gen_ppl",
+    "bleu": "bleu",
+    "rouge": "rouge",
+    "mauve": "mauve",
+    "diversity": "diversity",
 }
 
 
@@ -71,6 +84,10 @@ METRICS = {
     "rouge1": Metric("ROUGE-1", "rouge", "rouge1"),
     "rouge2": Metric("ROUGE-2", "rouge", "rouge2"),
     "rougeL": Metric("ROUGE-L", "rouge", "rougeL"),
+    "mauve": Metric("MAUVE", "mauve", "mauve"),
+    "distinct_4": Metric("dist-4", "diversity", "distinct_4"),
+    "rep_4": Metric("rep-4", "diversity", "rep_4"),
+    "self_bleu": Metric("self-BLEU", "diversity", "self_bleu"),
 }
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -106,9 +123,26 @@ def select_settings(config: Config, names: list[str] | None = None) -> list[Samp
     return settings
 
 
-def scorers_for(config: Config, setting: SamplingSetting) -> list[str]:
-    """The scorer kinds for one setting: Gen PPL for unconditional presets; for conditional
-    ones BLEU and/or ROUGE as the paper reports them, both when it reports neither."""
+def parse_metrics(text: str) -> list[str]:
+    """`--metrics ppl,mauve,diversity` -> scorer kinds, in a fixed order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METRIC_CHOICES]
+    if unknown or not names:
+        raise UserError(
+            f"--metrics takes a comma-separated list of {', '.join(METRIC_CHOICES)}, got '{text}'."
+        )
+    kinds = {METRIC_CHOICES[name] for name in names}
+    return [kind for kind in SCORER_METRICS if kind in kinds]
+
+
+def scorers_for(
+    config: Config, setting: SamplingSetting, metrics: list[str] | None = None
+) -> list[str]:
+    """The scorer kinds for one setting: `metrics` when given (from `--metrics`); else Gen
+    PPL for unconditional presets, and for conditional ones BLEU and/or ROUGE as the paper
+    reports them, both when it reports neither."""
+    if metrics is not None:
+        return list(metrics)
     if not config.data.conditional:
         return ["gen_ppl"]
     reported = {key.removesuffix("_validation") for key in setting.paper}
@@ -218,6 +252,7 @@ class EvalRequest:
     device: Any = "cpu"
     force: bool = False
     scorer: str = "gpt2-large"  # recorded in eval.json; the ScoreFn does the scoring
+    metrics: list[str] | None = None  # scorer kinds (`--metrics`); None: the preset's own
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -276,9 +311,9 @@ def run_eval(
     del loaded
     _free_accelerator_memory()
 
-    by_file = score_runs(config, runs, score)
+    by_file = score_runs(config, runs, score, request.metrics)
     rows = [
-        setting_row(config, setting, run_dir, info, by_file[_key(run_dir)])
+        setting_row(config, setting, run_dir, info, by_file[_key(run_dir)], request.metrics)
         for setting, run_dir, info in runs
     ]
     summary = {
@@ -300,11 +335,12 @@ def score_runs(
     config: Config,
     runs: list[tuple[SamplingSetting, Path, dict[str, Any]]],
     score: ScoreFn,
+    metrics: list[str] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Run each scorer kind once over every run that needs it; records grouped by run dir."""
     by_file: dict[str, list[dict[str, Any]]] = {_key(run_dir): [] for _, run_dir, _ in runs}
     for kind in SCORER_METRICS:
-        run_dirs = [d for s, d, _ in runs if kind in scorers_for(config, s)]
+        run_dirs = [d for s, d, _ in runs if kind in scorers_for(config, s, metrics)]
         if not run_dirs:
             continue
         inputs = [(d / records.SAMPLES_FILE, records.read_samples(d)) for d in run_dirs]
@@ -323,10 +359,11 @@ def setting_row(
     run_dir: Path,
     info: dict[str, Any],
     metric_records: list[dict[str, Any]],
+    kinds: list[str] | None = None,
 ) -> dict[str, Any]:
     """One row of the paper table: the sampler, n, each metric beside the paper's, speed."""
     metrics = {}
-    for kind in scorers_for(config, setting):
+    for kind in scorers_for(config, setting, kinds):
         for name in SCORER_METRICS[kind]:
             metric = METRICS[name]
             found = [r for r in metric_records if r["metric"] == metric.record]

@@ -20,7 +20,9 @@ EVAL_HELP = (
     "\n\nUnconditional presets (owt-*) are scored with Gen PPL + entropy under --scorer; "
     "conditional presets are sampled on the first n rows of their validation set and scored "
     "with BLEU (de-en) or ROUGE (xsum) against its references, so the paper's validation "
-    "number is shown first. Each setting gets its own sample run dir under --out "
+    "number is shown first. --metrics replaces that choice: ppl, bleu, rouge, mauve (needs "
+    "--references) and diversity (dist-4, rep-4, self-BLEU; tokens of --scorer). Each "
+    "setting gets its own sample run dir under --out "
     "(samples.jsonl, run.json, metrics.jsonl); eval.json there holds the summary."
 )
 
@@ -63,6 +65,24 @@ def eval_command(
     score_batch_size: int = typer.Option(
         8, "--score-batch-size", min=1, help="Samples per Gen PPL forward."
     ),
+    metrics: str = typer.Option(
+        None,
+        "--metrics",
+        help="Scorers to run, comma-separated: ppl, bleu, rouge, mauve, diversity "
+        "(default: the preset's).",
+    ),
+    references: str = typer.Option(
+        None, "--references", help="Human text for MAUVE (as score-mauve --references)."
+    ),
+    reference_field: str = typer.Option(
+        "text", "--reference-field", help="Text field of --references rows."
+    ),
+    num_references: int = typer.Option(
+        5000, "--num-references", min=1, help="Use the first N references."
+    ),
+    mauve_model: str = typer.Option(
+        None, "--mauve-model", help="MAUVE feature model (default: --scorer)."
+    ),
     tokenizer: str = typer.Option(None, "--tokenizer", help="ELF tokenizer hub id or folder."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU), bf16 or fp32."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
@@ -82,6 +102,8 @@ def eval_command(
         raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
     config = evaluate.resolve_eval_config(preset, config_file)
     chosen = evaluate.select_settings(config, settings)
+    kinds = evaluate.parse_metrics(metrics) if metrics is not None else None
+    reference_texts = _references(kinds, references, reference_field, num_references)
     out_dir = out_dir or evaluate.default_out_dir(config)
     evaluate.check_out_dir(out_dir, chosen, force)
 
@@ -100,6 +122,7 @@ def eval_command(
         device=device,
         force=force,
         scorer=scorer,
+        metrics=kinds,
     )
     console.print(
         f"evaluating {repo} with preset {config.name}: {', '.join(s.name for s in chosen)} "
@@ -108,17 +131,41 @@ def eval_command(
     )
     summary = evaluate.run_eval(
         request,
-        score=_scorer(scorer, score_batch_size, cpu),
+        score=_scorer(
+            scorer,
+            score_batch_size,
+            cpu,
+            references=(references, reference_texts),
+            mauve_model=mauve_model or scorer,
+        ),
         progress=progress,
         log=lambda message: console.print(message, highlight=False),
     )
     _report(summary, json_out)
 
 
-def _scorer(model: str, batch_size: int, cpu: bool):
-    """The score-ppl / score-bleu / score-rouge functions, so eval's numbers are theirs."""
+def _references(kinds, references, field, limit):
+    """The MAUVE references, read before any sampling; only MAUVE takes them."""
+    wants_mauve = kinds is not None and "mauve" in kinds
+    if wants_mauve and references is None:
+        raise UserError("--metrics mauve needs --references (human text to compare with).")
+    if references is not None and not wants_mauve:
+        raise UserError("--references is only used by MAUVE; add mauve to --metrics.")
+    if references is None:
+        return None
+    from .score_distribution import load_references
+
+    return load_references(references, field, None, limit)
+
+
+def _scorer(model: str, batch_size: int, cpu: bool, references=(None, None), mauve_model=None):
+    """The functions behind the score-* commands, so eval's numbers are theirs."""
+    from ..diversity import DEFAULT_SEED, DEFAULT_SELF_BLEU_SAMPLES
     from ..scoring import DEFAULT_MAX_LENGTH
     from .score import score_bleu_files, score_ppl_files, score_rouge_files
+    from .score_distribution import score_diversity_files, score_mauve_files
+
+    references_name, reference_texts = references
 
     def score(kind: str, inputs: list[tuple[Path, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
         if kind == "gen_ppl":
@@ -129,6 +176,23 @@ def _scorer(model: str, batch_size: int, cpu: bool):
             return score_bleu_files(inputs)
         if kind == "rouge":
             return score_rouge_files(inputs)
+        if kind == "mauve":
+            return score_mauve_files(
+                inputs,
+                reference_texts,
+                mauve_model or model,
+                references_name=references_name,
+                batch_size=batch_size,
+                cpu=cpu,
+            )
+        if kind == "diversity":
+            return score_diversity_files(
+                inputs,
+                model,
+                max_length=DEFAULT_MAX_LENGTH,
+                self_bleu_samples=DEFAULT_SELF_BLEU_SAMPLES,
+                seed=DEFAULT_SEED,
+            )
         raise ValueError(f"unknown scorer kind {kind!r}")
 
     return score

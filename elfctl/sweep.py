@@ -263,6 +263,7 @@ def plot(summary: dict[str, Any], path: str | Path, paper: bool | None = None) -
         ppl_axis.plot(x, y, "s--", color="C0", alpha=0.45, label=overlay["label"])
         ticks.update(x)
     ppl_axis.set_yscale("log")  # Gen PPL falls by multiples as steps double
+    _plain_log_labels(ppl_axis)
     ppl_axis.set_ylabel("Gen PPL (lower is better, log scale)", color="C0")
     entropy_axis = ppl_axis.twinx()
     _series(entropy_axis, rows, "entropy", "C1", "^", "entropy")
@@ -280,16 +281,35 @@ def plot(summary: dict[str, Any], path: str | Path, paper: bool | None = None) -
     bottom.set_xlabel("sampling steps")
     sampler = summary.get("sampler", {})
     seeds = summary.get("seeds") or [None]
+    gamma = f" gamma {sampler['gamma']:g}" if sampler.get("method") == "sde" else ""
     title = (
-        f"{summary.get('repo', '')}  {str(sampler.get('method', '')).upper()}"
-        f"{' gamma ' + format(sampler['gamma'], 'g') if sampler.get('method') == 'sde' else ''}, "
-        f"n={summary.get('num_samples')} x {len(seeds)} seed{'s' if len(seeds) > 1 else ''}, "
-        f"scorer {summary.get('scorer', '?')}"
+        f"{_short(summary.get('repo'))}: {str(sampler.get('method', '')).upper()}{gamma}, "
+        f"n = {summary.get('num_samples')} x {len(seeds)} seed{'s' if len(seeds) > 1 else ''}, "
+        f"scorer {_short(summary.get('scorer'))}"
     )
     figure.suptitle(title, fontsize=9)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     return records.atomic_write_bytes(path, buffer.getvalue())
+
+
+def _short(name: str | None) -> str:
+    """A local path by its last part (a title has no room for /home/...); hub ids as they are."""
+    if not name:
+        return "?"
+    return Path(name).name if name.startswith(("/", ".", "~")) else name
+
+
+def _plain_log_labels(axis) -> None:
+    """'7', '8', '10' on a log axis instead of 7x10^0; minor ticks labelled too when the axis
+    spans less than a factor of 20 (else they would crowd)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axis.yaxis.set_major_formatter(plain)
+    low, high = axis.get_ylim()
+    narrow = low > 0 and high / low < 20
+    axis.yaxis.set_minor_formatter(plain if narrow else NullFormatter())
 
 
 def _series(axis, rows: list[dict[str, Any]], name: str, color: str, marker: str, label: str):

@@ -175,3 +175,16 @@ def test_featurize_ignores_batch_mates(gpt2_dir):
     alone = np.concatenate([mauve_score.featurize([t], model, tokenizer) for t in samples])
     together = mauve_score.featurize(samples, model, tokenizer, batch_size=6)
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_missing_mauve_extra_is_one_sentence_naming_it(tmp_path, gpt2_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mauve", None)  # import fails
+    write_run(tmp_path / "run", texts(12, 12))
+    (tmp_path / "refs.txt").write_text("\n".join(texts(12, 13)) + "\n")
+    result = invoke(
+        "score-mauve", tmp_path / "run", "--references", tmp_path / "refs.txt", "--model", gpt2_dir
+    )
+    assert result.exit_code == 2
+    assert "elfctl[mauve]" in result.stderr and len(result.stderr.strip().splitlines()) == 1

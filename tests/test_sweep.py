@@ -145,3 +145,12 @@ def test_load_refuses_a_directory_that_is_not_a_sweep(tmp_path):
     (tmp_path / sweep.SWEEP_FILE).write_text('{"steps": [8]}')
     with pytest.raises(UserError, match="not a sweep summary"):
         sweep.load(tmp_path)
+
+
+def test_a_missing_plot_extra_is_named_before_any_sampling(tmp_path, model, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails
+    result = run_sweep(model, tmp_path / "sw", "--steps", "1")
+    assert result.exit_code == 2
+    assert "elfctl[plot]" in result.stderr and not (tmp_path / "sw").exists()

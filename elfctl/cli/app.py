@@ -41,7 +41,11 @@ def _root(
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escape: a message may hold brackets ("pip install 'elfctl[mauve]'", paths) that rich
+    # would otherwise swallow as markup.
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

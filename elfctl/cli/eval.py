@@ -153,8 +153,10 @@ def _references(kinds, references, field, limit):
         raise UserError("--references is only used by MAUVE; add mauve to --metrics.")
     if references is None:
         return None
+    from ..mauve_score import require_mauve
     from .score_distribution import load_references
 
+    require_mauve()  # before the sampling, not after
     return load_references(references, field, None, limit)
 
 

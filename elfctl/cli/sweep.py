@@ -112,8 +112,10 @@ def sweep_command(
     sweep.check_out_dir(out_dir, step_counts, seed_list, force)
     reference_texts = None
     if references is not None:
+        from ..mauve_score import require_mauve
         from .score_distribution import load_references
 
+        require_mauve()  # before the sampling, not after
         reference_texts = load_references(references, reference_field, None, num_references)
 
     device = PartialState(cpu=cpu).device

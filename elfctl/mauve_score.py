@@ -142,7 +142,8 @@ def featurize(
                 output_hidden_states=True,
                 return_dict=True,
             ).hidden_states[-1]  # (B, L, d)
-        last = hidden[torch.arange(len(rows)), (lengths - 1).to(device)].float().cpu()  # (B, d)
+        rows_index = torch.arange(len(rows), device=device)
+        last = hidden[rows_index, (lengths - 1).to(device)].float().cpu()  # (B, d)
         for r, i in enumerate(rows):
             features[i] = last[r]
         if on_batch is not None:

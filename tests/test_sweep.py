@@ -154,3 +154,11 @@ def test_a_missing_plot_extra_is_named_before_any_sampling(tmp_path, model, monk
     result = run_sweep(model, tmp_path / "sw", "--steps", "1")
     assert result.exit_code == 2
     assert "elfctl[plot]" in result.stderr and not (tmp_path / "sw").exists()
+
+
+def test_a_conditional_model_is_refused_in_one_sentence(tmp_path, model):
+    result = run_sweep(model, tmp_path / "sw", "--steps", "1", "--preset", "de-en-b")
+    assert result.exit_code == 2, result.output
+    assert "is a conditional model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "sw").exists()

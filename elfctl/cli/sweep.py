@@ -120,6 +120,12 @@ def sweep_command(
 
     device = PartialState(cpu=cpu).device
     loaded = load_for_sampling(repo, preset, tokenizer, device)
+    if loaded.config.data.conditional:
+        raise UserError(
+            f"{repo} is a conditional model; sweep samples unconditionally and scores Gen PPL, "
+            "so evaluate a conditional model with eval and a config naming one setting per step "
+            "count instead."
+        )
     overrides = dict(
         method=sampler, gamma=gamma, sc_cfg=sc_cfg, cfg=cfg, time_schedule=time_schedule
     )

@@ -7,8 +7,9 @@ Large cannot be downloaded here, and a random GPT-2 scores every text alike), th
                  --scorer GRAMMAR_GPT2 --references testbed:grammar/validation
 
 and copies sweep.png to --png. Gen PPL and MAUVE both use the grammar scorer; MAUVE compares
-with the grammar's validation texts. Also prints the share of samples the grammar accepts at
-each step count, beside the scorer's numbers.
+with the grammar's validation texts. Also prints the scorer's Gen PPL on the grammar's own
+texts and on shuffled words (what its numbers mean), and the share of samples the grammar
+accepts at each step count.
 
     python bench/tiny_sweep.py --run-dir runs/tiny
     python bench/tiny_sweep.py --run-dir runs/tiny --png docs/tiny-sweep.png --force
@@ -21,6 +22,21 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+
+def print_scorer_baselines(scorer: str) -> None:
+    """What the scorer's Gen PPL means: the grammar's own texts against shuffled words."""
+    import datasets
+
+    from elfctl import scoring
+    from elfctl.testbed.assets import resolve_testbed_uri
+    from elfctl.testbed.quality import shuffled_samples
+
+    model, tokenizer = scoring.load_scorer(scorer)
+    validation = datasets.load_from_disk(resolve_testbed_uri("testbed:grammar/validation"))
+    grammatical = scoring.score_ppl(list(validation["text"])[:256], model, tokenizer).ppl
+    shuffled = scoring.score_ppl(shuffled_samples(256, 0), model, tokenizer).ppl
+    print(f"scorer Gen PPL: validation texts {grammatical:.2f}, shuffled words {shuffled:.0f}")
 
 
 def main() -> None:
@@ -38,7 +54,9 @@ def main() -> None:
     from elfctl.testbed.grammar import accepts
     from elfctl.testbed.scorer import ensure_grammar_scorer
 
-    print("grammar scorer:", ensure_grammar_scorer(), flush=True)
+    scorer = ensure_grammar_scorer()
+    print("grammar scorer:", scorer, flush=True)
+    print_scorer_baselines(scorer)
     command = [
         sys.executable, "-m", "elfctl", "sweep", "--repo", args.run_dir, "--steps", args.steps,
         "--seeds", args.seeds, "--num-samples", str(args.num_samples), "--scorer",

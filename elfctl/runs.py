@@ -120,6 +120,7 @@ class SampleJob:
     compile: bool = False
     conditions: list[str] | None = None  # source texts, for conditional models
     references: list[str | None] | None = None
+    condition_ids: list[list[int] | None] | None = None  # a dataset's own ids per source
     meta: dict = field(default_factory=dict)
 
     def run(
@@ -161,12 +162,15 @@ class SampleJob:
         records.write_samples(out_dir, rows)
         info = self.describe(loaded, device, wall)
         if truncated is not None:
+            from .conditions import condition_ids_used
+
             data = loaded.config.data
             info["conditioning"] = {
                 "max_length": data.max_length,
                 "max_input_length": data.max_input_length,
                 "output_length": data.max_length - data.max_input_length,
                 "truncated_sources": truncated,
+                **condition_ids_used(self.condition_ids, self.num_samples),
             }
         records.write_run_json(out_dir, info)
         return info
@@ -197,7 +201,10 @@ class SampleJob:
     def _generate_conditional(
         self, loaded: LoadedModel, on_batch: Callable[[int], None] | None
     ) -> tuple[Generation, int]:
-        """Encode and sample one batch of sources at a time -> (outputs in order, # cut)."""
+        """Encode and sample one batch of sources at a time -> (outputs in order, # cut).
+
+        A source's condition ids are the dataset's own where `condition_ids` has them, else
+        its text tokenized (see `conditions.condition_token_ids`)."""
         from .conditions import encode_conditions
 
         if loaded.encoder is None:
@@ -214,6 +221,7 @@ class SampleJob:
         truncated = 0
         for start, seed in zip(starts, seeds, strict=True):
             chunk = sources[start : start + self.batch_size]
+            ids = self.condition_ids[start : start + len(chunk)] if self.condition_ids else None
             condition, cut = encode_conditions(
                 loaded.encoder,
                 loaded.tokenizer,
@@ -222,6 +230,7 @@ class SampleJob:
                 data.max_input_length,
                 device,
                 data.pad_token,
+                token_ids=ids,
             )
             part = self._generate(loaded, condition, seed, len(chunk), len(chunk), on_batch)
             tokens.extend(part.tokens)

@@ -458,9 +458,9 @@ class Trainer:
         if not data.conditional or not data.validation:
             return None, None, None
         if not hasattr(self, "_conditions"):
-            from .conditions import encode_conditions, read_sources
+            from .conditions import encode_conditions, read_source_rows
 
-            sources, references = read_sources(
+            rows = read_source_rows(
                 data.validation,
                 data.source_field,
                 data.target_field,
@@ -470,13 +470,14 @@ class Trainer:
             condition, _ = encode_conditions(
                 self.encoder,
                 self.tokenizer,
-                sources,
+                rows.texts,
                 data.max_length,
                 data.max_input_length,
                 self.device,
                 data.pad_token,
+                token_ids=rows.token_ids,  # the set's own condition ids, as in evaluation
             )
-            self._conditions = condition, sources, references
+            self._conditions = condition, rows.texts, rows.references
         return self._conditions
 
 

@@ -103,6 +103,10 @@ def sample(
         )
     out_dir = out_dir or Path("outputs") / time.strftime("sample-%Y%m%d-%H%M%S")
     _check_out_dir(out_dir, force)
+    if input is not None:
+        from ..conditions import check_input_exists
+
+        check_input_exists(input)  # before the model, tokenizer and encoder load
 
     device = PartialState(cpu=cpu).device
     loaded = load_for_sampling(repo, preset, tokenizer, device, with_encoder=input is not None)
@@ -170,13 +174,14 @@ def _sample_from_sources(
     compile: bool,
     json_out: bool,
 ) -> None:
-    from ..conditions import count_truncated, read_sources
+    from ..conditions import count_truncated, read_source_rows
     from ..runs import SampleJob
 
     data = loaded.config.data
     if split is None and input == data.validation:
         split = data.validation_split  # the preset's own evaluation set
-    sources, references = read_sources(input, source_field, reference_field, split, num_samples)
+    rows = read_source_rows(input, source_field, reference_field, split, num_samples)
+    sources, references = rows.texts, rows.references
     n = len(sources)
     job = SampleJob(
         setting=chosen,
@@ -188,9 +193,10 @@ def _sample_from_sources(
         compile=compile,
         conditions=sources,
         references=references if any(r is not None for r in references) else None,
+        condition_ids=rows.token_ids,
         meta={"input": input, "source_field": source_field, "reference_field": reference_field},
     )
-    cut = count_truncated(loaded.tokenizer, sources, data.max_input_length)
+    cut = count_truncated(loaded.tokenizer, sources, data.max_input_length, rows.token_ids)
     if cut:
         console.print(
             f"[yellow]warning:[/] {cut} of {n} sources are longer than max_input_length "

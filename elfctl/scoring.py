@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
@@ -108,6 +109,14 @@ def load_scorer(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .encoder import looks_like_local_path
+
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        # Else transformers takes the path for a hub id and complains about its characters.
+        raise UserError(
+            f"cannot load the scorer model {name_or_path!r}: the folder {name_or_path} does not "
+            "exist."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)

@@ -144,6 +144,16 @@ def test_unmatched_glob_and_missing_file_exit_2(tmp_path, scorer_dir):
     assert result.exit_code == 2 and "without a samples.jsonl" in result.stderr
 
 
+def test_a_scorer_path_that_does_not_exist_says_so(tmp_path, monkeypatch):
+    write_run(tmp_path / "run", ROWS)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("score-ppl", "run", "--model", "./no-such-model")
+    assert result.exit_code == 2
+    assert "the folder ./no-such-model does not exist" in result.stderr
+    assert "Repo id" not in result.stderr and "Traceback" not in result.stderr
+    assert metrics_files(tmp_path) == []
+
+
 def test_unloadable_scorer_exits_2(tmp_path):
     write_run(tmp_path / "run", ROWS)
     result = invoke("score-ppl", tmp_path / "run", "--model", tmp_path / "no-model")

@@ -110,9 +110,8 @@ def slow_loss(model, x, input_ids, cond, loss_mask, d, cfg, t_eps=0.05):
             lam = d.lam[b : b + 1]
             z_dec = lam * xb + (1 - lam) * cfg.decoder_noise_scale * d.dec_noise[b : b + 1]
             no_self_cond = torch.zeros_like(xb)  # the whole row, condition positions too
-            _, logits = model(
-                torch.cat([z_dec, no_self_cond], -1), torch.ones(1), sc_scale=w, decode=torch.ones(1)
-            )
+            inputs = torch.cat([z_dec, no_self_cond], -1)
+            _, logits = model(inputs, torch.ones(1), sc_scale=w, decode=torch.ones(1))
             per_token = F.cross_entropy(logits[0], input_ids[b], reduction="none")
         else:
             with torch.no_grad():

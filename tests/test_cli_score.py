@@ -100,6 +100,34 @@ def test_globs_and_run_dirs_score_each_file_separately_and_combined(tmp_path, sc
     assert [r["file"] for r in json.loads(again.stdout)] == [first["file"]]
 
 
+def test_eos_mode_official_is_recorded_and_refuses_to_combine_files(tmp_path, scorer_dir):
+    write_run(tmp_path / "run_a", ROWS[:2])
+    write_run(tmp_path / "run_b", ROWS[2:])
+    result = invoke(
+        "score-ppl", tmp_path / "run_a", "--model", scorer_dir, "--eos-mode", "official", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.stdout)
+    model, tokenizer = scoring.load_scorer(scorer_dir)
+    texts = [r["text"] for r in ROWS[:2]]
+    expected = scoring.score_ppl(texts, model, tokenizer, eos_mode="official")
+    assert record["eos_mode"] == "official"
+    assert record["values"]["n_tokens"] == expected.n_tokens
+    assert record["values"]["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
+    both = invoke(
+        "score-ppl",
+        tmp_path / "run_*",
+        "--model",
+        scorer_dir,
+        "--eos-mode",
+        "official",
+        "--combined",
+    )
+    assert both.exit_code == 2 and "--combined needs --eos-mode ours" in both.stderr
+    bad = invoke("score-ppl", tmp_path / "run_a", "--model", scorer_dir, "--eos-mode", "batch")
+    assert bad.exit_code == 2 and "--eos-mode must be ours or official" in bad.stderr
+
+
 def test_official_port_rows_are_scored(tmp_path, scorer_dir):
     path = tmp_path / "official.jsonl"
     path.write_text('{"id": 0, "generated": "the cat sat"}\n{"id": 1, "generated": ""}\n')

@@ -121,6 +121,9 @@ class TrainConfig:
     sample_every: int = 0  # 0 disables periodic samples
     sample_count: int = 16
     compile: bool = False
+    # Precision on a CUDA GPU when neither a flag nor Accelerate chooses one (elfctl/precision.py);
+    # bf16 autocast is the official recipe. The CPU always runs fp32 by default.
+    gpu_precision: Literal["bf16", "fp32"] = "bf16"
 
 
 @dataclass

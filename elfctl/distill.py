@@ -476,7 +476,7 @@ def distill(
     ends the call, so the next call resumes in that round. `run_round` replaces
     `trainer.fit(on_step)` (the CLI wraps it in a progress bar)."""
     check_distill_config(cfg)
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(gpu_precision=cfg.train.gpu_precision)
     rounds = rounds or list(range(1, len(cfg.distill.spans) + 1))
     results = []
     for k in rounds:

@@ -272,7 +272,10 @@ def run_eval(
             condition_ids=sources.token_ids[:n] if sources is not None else None,
             meta={"eval": {"preset": config.name, "setting": setting.name}, **request.meta},
         )
-        log(f"{setting.name}: sampling {n} x {job.length} tokens ({describe_sampler(setting)})")
+        log(
+            f"{setting.name}: sampling {n} x {job.length} tokens ({describe_sampler(setting)}), "
+            f"precision {job.precision_for(loaded).describe()}"
+        )
         with progress(f"sampling {setting.name}", n, "samples") as advance:
             info = job.run(loaded, run_dir, on_batch=advance)
         runs.append((setting, run_dir, info))

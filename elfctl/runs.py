@@ -23,6 +23,7 @@ from .checkpoints import Checkpoint, build_model, load_checkpoint
 from .config import Config, SamplingSetting, resolve
 from .errors import UserError
 from .model import size_name
+from .precision import Precision, sampling_precision
 from .sampler import Condition, Generation, generate, setting_kwargs
 
 
@@ -136,13 +137,20 @@ class SampleJob:
         is encoded with `loaded.encoder` and sampled with its own seed (`batch_seeds`).
         """
         device = next(loaded.model.parameters()).device
+        precision = self.precision_for(loaded)
         start = time.perf_counter()
         truncated = None
         if self.conditions is not None and condition is None:
-            result, truncated = self._generate_conditional(loaded, on_batch)
+            result, truncated = self._generate_conditional(loaded, precision.sampling, on_batch)
         else:
             result = self._generate(
-                loaded, condition, self.seed, self.num_samples, self.batch_size, on_batch
+                loaded,
+                condition,
+                self.seed,
+                self.num_samples,
+                self.batch_size,
+                precision.sampling,
+                on_batch,
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -160,7 +168,7 @@ class SampleJob:
         ]
         out_dir.mkdir(parents=True, exist_ok=True)
         records.write_samples(out_dir, rows)
-        info = self.describe(loaded, device, wall)
+        info = self.describe(loaded, device, wall, precision)
         if truncated is not None:
             from .conditions import condition_ids_used
 
@@ -175,6 +183,12 @@ class SampleJob:
         records.write_run_json(out_dir, info)
         return info
 
+    def precision_for(self, loaded: LoadedModel) -> Precision:
+        """The precision this job samples in: `precision.resolve_sampling` of --precision
+        and the model config's train.gpu_precision, on the model's device."""
+        device = next(loaded.model.parameters()).device
+        return sampling_precision(self.precision, loaded.config.train.gpu_precision, device)
+
     def _generate(
         self,
         loaded: LoadedModel,
@@ -182,6 +196,7 @@ class SampleJob:
         seed: int,
         num_samples: int,
         batch_size: int,
+        precision: str,
         on_batch: Callable[[int], None] | None,
     ) -> Generation:
         return generate(
@@ -193,13 +208,13 @@ class SampleJob:
             seed=seed,
             condition=condition,
             batch_size=batch_size,
-            precision=self.precision,
+            precision=precision,
             compile=self.compile,
             on_batch=on_batch,
         )
 
     def _generate_conditional(
-        self, loaded: LoadedModel, on_batch: Callable[[int], None] | None
+        self, loaded: LoadedModel, precision: str, on_batch: Callable[[int], None] | None
     ) -> tuple[Generation, int]:
         """Encode and sample one batch of sources at a time -> (outputs in order, # cut).
 
@@ -232,13 +247,17 @@ class SampleJob:
                 data.pad_token,
                 token_ids=ids,
             )
-            part = self._generate(loaded, condition, seed, len(chunk), len(chunk), on_batch)
+            part = self._generate(
+                loaded, condition, seed, len(chunk), len(chunk), precision, on_batch
+            )
             tokens.extend(part.tokens)
             texts.extend(part.texts)
             truncated += cut
         return Generation(tokens=tokens, texts=texts), truncated
 
-    def describe(self, loaded: LoadedModel, device: torch.device, wall: float) -> dict:
+    def describe(
+        self, loaded: LoadedModel, device: torch.device, wall: float, precision: Precision
+    ) -> dict:
         ckpt = loaded.checkpoint
         return {
             "elfctl_version": __version__,
@@ -267,7 +286,8 @@ class SampleJob:
             "seed": self.seed,
             "device": str(device),
             "device_name": _device_name(device),
-            "dtype": _dtype_name(device, self.precision),
+            "dtype": precision.name,
+            "precision_reason": precision.reason,
             "compile": self.compile,
             "wall_seconds": round(wall, 3),
             "samples_per_s": round(self.num_samples / max(wall, 1e-9), 4),
@@ -280,13 +300,6 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
-
-
-def _dtype_name(device: torch.device, precision: str) -> str:
-    if precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16-autocast" if bf16 else "fp32"
-    return "bf16-autocast" if precision == "bf16" else "fp32"
 
 
 def batch_seeds(seed: int, n: int) -> list[int]:

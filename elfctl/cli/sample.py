@@ -48,7 +48,12 @@ def sample(
     tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer hub id or local folder."),
     out_dir: Path = typer.Option(None, "--out", help="Output directory (default outputs/...)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing sample run."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU), bf16 or fp32."),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto (on a GPU the config's train.gpu_precision, bf16 in the official presets; "
+        "fp32 on the CPU), bf16 or fp32.",
+    ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even if a GPU is present."),
     json_out: bool = typer.Option(False, "--json", help="Print run.json on stdout."),
@@ -216,7 +221,8 @@ def _run(job, loaded, out_dir: Path, what: str, json_out: bool) -> None:
     gamma = f", gamma {s.gamma}" if s.method == "sde" else ""
     console.print(
         f"sampling {what} ({s.method.upper()}, {s.steps} steps{gamma}, SC-CFG {s.sc_cfg}, "
-        f"CFG {s.cfg}, {s.time_schedule} grid) on {next(loaded.model.parameters()).device}",
+        f"CFG {s.cfg}, {s.time_schedule} grid) on {next(loaded.model.parameters()).device}, "
+        f"precision {job.precision_for(loaded).describe()}",
         highlight=False,
     )
     with progress("sampling", job.num_samples, "samples") as advance:

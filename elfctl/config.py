@@ -121,6 +121,9 @@ class TrainConfig:
     sample_every: int = 0  # 0 disables periodic samples
     sample_count: int = 16
     compile: bool = False
+    # Precision on a CUDA GPU when neither a flag nor Accelerate chooses one (elfctl/precision.py);
+    # bf16 autocast is the official recipe. The CPU always runs fp32 by default.
+    gpu_precision: Literal["bf16", "fp32"] = "bf16"
 
 
 @dataclass
@@ -195,10 +198,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"Config file {path} is not valid YAML: {e}.") from None
+        raise UserError(yaml_error_sentence(path, e)) from None
     if not isinstance(data, dict):
         raise UserError(f"Config file {path} must hold a mapping at the top level.")
     return data
+
+
+def yaml_error_sentence(path: Path, error: yaml.YAMLError) -> str:
+    """'FILE, line L, column C: what is wrong.' for a parser error (1-based, as editors count);
+    PyYAML's own message is a multi-line dump with the offending lines quoted."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "context", None)
+    what = (problem or "not valid YAML").strip()
+    if mark is None:
+        return f"{path}: {what}."
+    return f"{path}, line {mark.line + 1}, column {mark.column + 1}: {what}."
 
 
 # ---------------------------------------------------------------------------

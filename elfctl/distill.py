@@ -320,9 +320,9 @@ def distill_loss(
 
     # One gradient forward over the mixed batch, exactly as in the base objective.
     rows = _rows(is_dec)
-    z_dec = decoder_input(x, draws.dec_noise, draws.lam, cfg.decoder_noise_scale, cond_mask)
+    z_dec = decoder_input(x, draws.dec_noise, draws.lam, cfg.decoder_noise_scale)
     z_in = torch.where(rows, z_dec, z_s)
-    x_prev_in = torch.where(rows, zeros, self_cond)
+    x_prev_in = torch.where(rows, torch.zeros_like(x), self_cond)  # as in the base objective
     inputs = torch.cat([z_in, x_prev_in], dim=-1) if model_config(student).self_cond else z_in
     x_hat, logits = student(inputs, t_in, sc_scale=draws.sc_scale, decode=is_dec.float())
 
@@ -476,7 +476,7 @@ def distill(
     ends the call, so the next call resumes in that round. `run_round` replaces
     `trainer.fit(on_step)` (the CLI wraps it in a progress bar)."""
     check_distill_config(cfg)
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(gpu_precision=cfg.train.gpu_precision)
     rounds = rounds or list(range(1, len(cfg.distill.spans) + 1))
     results = []
     for k in rounds:

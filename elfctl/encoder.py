@@ -39,12 +39,12 @@ def resolve_pretrained_source(name_or_path: str) -> str:
         from .testbed.assets import resolve_testbed_uri
 
         return str(resolve_testbed_uri(name_or_path))
-    if _looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise UserError(f"Local folder not found: {name_or_path}.")
     return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
 
 
-def _looks_like_local_path(name: str) -> bool:
+def looks_like_local_path(name: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else that names a path is local.
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
 

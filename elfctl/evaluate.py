@@ -40,6 +40,7 @@ from .errors import UserError
 if TYPE_CHECKING:
     import torch
 
+    from .conditions import Sources
     from .runs import LoadedModel
 
 EVAL_FILE = "eval.json"
@@ -187,9 +188,10 @@ def load_for_eval(
     return load_for_sampling(source, config, tokenizer, device, config.data.conditional)
 
 
-def validation_pairs(config: Config, n: int) -> tuple[list[str], list[str]]:
-    """The first `n` (source, reference) pairs of the preset's validation set."""
-    from .conditions import read_sources
+def validation_pairs(config: Config, n: int) -> Sources:
+    """The first `n` sources of the preset's validation set, each with its reference (and the
+    set's own condition ids, where it has them)."""
+    from .conditions import read_source_rows
 
     data = config.data
     if not data.validation:
@@ -197,20 +199,20 @@ def validation_pairs(config: Config, n: int) -> tuple[list[str], list[str]]:
             f"Preset '{config.name}' is conditional but names no data.validation set to "
             "condition on."
         )
-    sources, references = read_sources(
+    sources = read_source_rows(
         data.validation,
         source_field=data.source_field,
         reference_field=data.target_field,
         split=data.validation_split,
         limit=n,
     )
-    for i, reference in enumerate(references):
+    for i, reference in enumerate(sources.references):
         if reference is None:
             raise UserError(
                 f"Validation set {data.validation}, row {i}: no '{data.target_field}' reference "
                 "to score against."
             )
-    return sources, references  # type: ignore[return-value]
+    return sources
 
 
 def sample_counts(
@@ -272,12 +274,12 @@ def run_eval(
 
     loaded = load_for_eval(request.source, config, request.tokenizer, request.device)
     config = loaded.config  # the checkpoint's network inside the preset's settings
-    sources = references = None
+    sources = None
     available = None
     if config.data.conditional:
         wanted = max(request.num_samples or s.num_samples for s in request.settings)
-        sources, references = validation_pairs(config, wanted)
-        available = len(sources)
+        sources = validation_pairs(config, wanted)
+        available = len(sources.texts)
     counts = sample_counts(config, request.settings, request.num_samples, available)
     for setting in request.settings:
         if counts[setting.name] < setting.num_samples and request.num_samples is None:
@@ -300,11 +302,15 @@ def run_eval(
             batch_size=min(request.batch_size or setting.batch_size, n),
             precision=request.precision,
             compile=request.compile,
-            conditions=sources[:n] if sources is not None else None,
-            references=references[:n] if references is not None else None,
+            conditions=sources.texts[:n] if sources is not None else None,
+            references=sources.references[:n] if sources is not None else None,
+            condition_ids=sources.token_ids[:n] if sources is not None else None,
             meta={"eval": {"preset": config.name, "setting": setting.name}, **request.meta},
         )
-        log(f"{setting.name}: sampling {n} x {job.length} tokens ({describe_sampler(setting)})")
+        log(
+            f"{setting.name}: sampling {n} x {job.length} tokens ({describe_sampler(setting)}), "
+            f"precision {job.precision_for(loaded).describe()}"
+        )
         with progress(f"sampling {setting.name}", n, "samples") as advance:
             info = job.run(loaded, run_dir, on_batch=advance)
         runs.append((setting, run_dir, info))

@@ -75,9 +75,14 @@ def drop_labels(x: torch.Tensor, cond_mask: torch.Tensor, drop: torch.Tensor) ->
     return x.masked_fill(zero[..., None], 0.0)
 
 
-def decoder_input(x, noise, lam, scale: float, cond_mask) -> torch.Tensor:
-    """z_dec = lam x + (1 - lam) scale n, lam drawn per token; condition positions keep x."""
-    return keep_condition(lam * x + (1 - lam) * scale * noise, x, cond_mask)
+def decoder_input(x, noise, lam, scale: float) -> torch.Tensor:
+    """z_dec = lam x + (1 - lam) scale n, lam drawn per token, over the WHOLE row.
+
+    Condition positions are corrupted too (not restored to the clean condition), and a
+    decoder row's self-conditioning half is zero everywhere: that is how the official code
+    trained the released conditional checkpoints (ELF_SPEC.md section 4).
+    """
+    return lam * x + (1 - lam) * scale * noise
 
 
 def guided_target(v_star, v_cond, v_uncond, w, use_self_cond) -> torch.Tensor:
@@ -145,9 +150,9 @@ def elf_loss(
     # One gradient forward over the mixed batch.
     is_dec = draws.is_decoder
     rows = is_dec[:, None, None]
-    z_dec = decoder_input(x, draws.dec_noise, draws.lam, cfg.decoder_noise_scale, cond_mask)
+    z_dec = decoder_input(x, draws.dec_noise, draws.lam, cfg.decoder_noise_scale)
     z_in = torch.where(rows, z_dec, z_t)
-    x_prev_in = torch.where(rows, zeros, x_prev)
+    x_prev_in = torch.where(rows, torch.zeros_like(x), x_prev)  # no condition in decoder rows
     t_in = torch.where(is_dec, torch.ones_like(t), t)
     inputs = torch.cat([z_in, x_prev_in], -1) if self_cond else z_in
     x_hat, logits = model(inputs, t_in, sc_scale=w, decode=is_dec.float())

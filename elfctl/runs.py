@@ -23,6 +23,7 @@ from .checkpoints import Checkpoint, build_model, load_checkpoint
 from .config import Config, SamplingSetting, resolve
 from .errors import UserError
 from .model import size_name
+from .precision import Precision, sampling_precision
 from .sampler import Condition, Generation, generate, setting_kwargs
 
 
@@ -120,6 +121,7 @@ class SampleJob:
     compile: bool = False
     conditions: list[str] | None = None  # source texts, for conditional models
     references: list[str | None] | None = None
+    condition_ids: list[list[int] | None] | None = None  # a dataset's own ids per source
     meta: dict = field(default_factory=dict)
 
     def run(
@@ -135,13 +137,20 @@ class SampleJob:
         is encoded with `loaded.encoder` and sampled with its own seed (`batch_seeds`).
         """
         device = next(loaded.model.parameters()).device
+        precision = self.precision_for(loaded)
         start = time.perf_counter()
         truncated = None
         if self.conditions is not None and condition is None:
-            result, truncated = self._generate_conditional(loaded, on_batch)
+            result, truncated = self._generate_conditional(loaded, precision.sampling, on_batch)
         else:
             result = self._generate(
-                loaded, condition, self.seed, self.num_samples, self.batch_size, on_batch
+                loaded,
+                condition,
+                self.seed,
+                self.num_samples,
+                self.batch_size,
+                precision.sampling,
+                on_batch,
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -159,17 +168,26 @@ class SampleJob:
         ]
         out_dir.mkdir(parents=True, exist_ok=True)
         records.write_samples(out_dir, rows)
-        info = self.describe(loaded, device, wall)
+        info = self.describe(loaded, device, wall, precision)
         if truncated is not None:
+            from .conditions import condition_ids_used
+
             data = loaded.config.data
             info["conditioning"] = {
                 "max_length": data.max_length,
                 "max_input_length": data.max_input_length,
                 "output_length": data.max_length - data.max_input_length,
                 "truncated_sources": truncated,
+                **condition_ids_used(self.condition_ids, self.num_samples),
             }
         records.write_run_json(out_dir, info)
         return info
+
+    def precision_for(self, loaded: LoadedModel) -> Precision:
+        """The precision this job samples in: `precision.resolve_sampling` of --precision
+        and the model config's train.gpu_precision, on the model's device."""
+        device = next(loaded.model.parameters()).device
+        return sampling_precision(self.precision, loaded.config.train.gpu_precision, device)
 
     def _generate(
         self,
@@ -178,6 +196,7 @@ class SampleJob:
         seed: int,
         num_samples: int,
         batch_size: int,
+        precision: str,
         on_batch: Callable[[int], None] | None,
     ) -> Generation:
         return generate(
@@ -189,15 +208,18 @@ class SampleJob:
             seed=seed,
             condition=condition,
             batch_size=batch_size,
-            precision=self.precision,
+            precision=precision,
             compile=self.compile,
             on_batch=on_batch,
         )
 
     def _generate_conditional(
-        self, loaded: LoadedModel, on_batch: Callable[[int], None] | None
+        self, loaded: LoadedModel, precision: str, on_batch: Callable[[int], None] | None
     ) -> tuple[Generation, int]:
-        """Encode and sample one batch of sources at a time -> (outputs in order, # cut)."""
+        """Encode and sample one batch of sources at a time -> (outputs in order, # cut).
+
+        A source's condition ids are the dataset's own where `condition_ids` has them, else
+        its text tokenized (see `conditions.condition_token_ids`)."""
         from .conditions import encode_conditions
 
         if loaded.encoder is None:
@@ -214,6 +236,7 @@ class SampleJob:
         truncated = 0
         for start, seed in zip(starts, seeds, strict=True):
             chunk = sources[start : start + self.batch_size]
+            ids = self.condition_ids[start : start + len(chunk)] if self.condition_ids else None
             condition, cut = encode_conditions(
                 loaded.encoder,
                 loaded.tokenizer,
@@ -222,14 +245,19 @@ class SampleJob:
                 data.max_input_length,
                 device,
                 data.pad_token,
+                token_ids=ids,
             )
-            part = self._generate(loaded, condition, seed, len(chunk), len(chunk), on_batch)
+            part = self._generate(
+                loaded, condition, seed, len(chunk), len(chunk), precision, on_batch
+            )
             tokens.extend(part.tokens)
             texts.extend(part.texts)
             truncated += cut
         return Generation(tokens=tokens, texts=texts), truncated
 
-    def describe(self, loaded: LoadedModel, device: torch.device, wall: float) -> dict:
+    def describe(
+        self, loaded: LoadedModel, device: torch.device, wall: float, precision: Precision
+    ) -> dict:
         ckpt = loaded.checkpoint
         return {
             "elfctl_version": __version__,
@@ -258,7 +286,8 @@ class SampleJob:
             "seed": self.seed,
             "device": str(device),
             "device_name": _device_name(device),
-            "dtype": _dtype_name(device, self.precision),
+            "dtype": precision.name,
+            "precision_reason": precision.reason,
             "compile": self.compile,
             "wall_seconds": round(wall, 3),
             "samples_per_s": round(self.num_samples / max(wall, 1e-9), 4),
@@ -271,13 +300,6 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
-
-
-def _dtype_name(device: torch.device, precision: str) -> str:
-    if precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16-autocast" if bf16 else "fp32"
-    return "bf16-autocast" if precision == "bf16" else "fp32"
 
 
 def batch_seeds(seed: int, n: int) -> list[int]:

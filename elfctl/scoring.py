@@ -6,11 +6,16 @@ A pure library: it never prints. Long work reports progress through an optional
 BLEU and ROUGE are computed with `sacrebleu` and `rouge_score` directly (no metric
 scripts fetched at run time).
 
-Gen PPL differs from the reference code in one documented detail: the reference pads a
-batch with eos and also scores the first padding eos of samples shorter than the longest
-in their batch. We score only a sample's own tokens, so its contribution does not depend
-on its batch-mates. For 1024-token OWT samples (all truncated to the same length) the
-two agree.
+Gen PPL's eos (`eos_mode`): the official script pads the WHOLE corpus at once with eos
+(GPT-2's pad) to its longest sample and scores each sample's first padding eos too, so
+every sample shorter than the corpus's longest adds one scored token: eos after its last
+token. `eos_mode="official"` does exactly that; the default, "ours", scores only each
+sample's own tokens. Neither depends on how samples are batched. The two agree when every
+sample has the corpus's longest length (for example all truncated at --max-length).
+
+Precision: the reference loads GPT-2 with bf16 weights; `load_scorer` keeps fp32 weights
+and `score_ppl` runs under bf16 autocast on GPU (the matmuls see the same bf16-rounded
+weights; norms, softmax and the residual stream stay fp32), fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
@@ -31,6 +37,7 @@ ProgressCallback = Callable[[int, int], None]  # (samples done, samples in total
 
 DEFAULT_SCORER = "gpt2-large"
 DEFAULT_MAX_LENGTH = 1024
+EOS_MODES = ("ours", "official")
 
 
 # ----------------------------------------------------------------------------- results
@@ -42,7 +49,7 @@ class PPLResult:
 
     ppl: float  # exp(nll_sum / n_tokens); nan if no token was scored
     nll_sum: float  # summed next-token NLL in nats over all scored tokens
-    n_tokens: int  # scored tokens: a sample of L tokens contributes L - 1
+    n_tokens: int  # scored tokens: a sample of L tokens contributes L - 1 (L, official eos)
     n_samples: int  # non-empty samples scored
     n_empty: int  # samples with no GPT-2 token, skipped
     entropy: float  # mean over non-empty samples of the unigram entropy (nats)
@@ -108,6 +115,14 @@ def load_scorer(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .encoder import looks_like_local_path
+
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        # Else transformers takes the path for a hub id and complains about its characters.
+        raise UserError(
+            f"cannot load the scorer model {name_or_path!r}: the folder {name_or_path} does not "
+            "exist."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
@@ -129,6 +144,19 @@ def tokenize_for_scoring(
         return []
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
     return [list(ids) for ids in encoded["input_ids"]]
+
+
+def scored_sequences(token_ids: list[list[int]], eos_id: int, eos_mode: str) -> list[list[int]]:
+    """What is scored of each sample (position i predicts token i + 1, the first token is
+    context only): "ours": its own tokens; "official": its own tokens, then one eos for
+    every sample shorter than the corpus's longest (the official script's first padding
+    eos, scored because it pads the whole corpus at once)."""
+    if eos_mode not in EOS_MODES:
+        raise UserError(f"the eos mode must be ours or official, got {eos_mode!r}.")
+    if eos_mode == "ours" or not token_ids:
+        return token_ids
+    longest = max(len(ids) for ids in token_ids)
+    return [ids + [eos_id] if len(ids) < longest else ids for ids in token_ids]
 
 
 def _pad_batch(
@@ -184,13 +212,15 @@ def score_ppl(
     *,
     batch_size: int = 8,
     max_length: int = DEFAULT_MAX_LENGTH,
+    eos_mode: str = "ours",
     on_batch: ProgressCallback | None = None,
 ) -> PPLResult:
     """Gen PPL (token-weighted, section 6) and mean unigram entropy of `texts`.
 
     Empty samples (no GPT-2 token) are skipped and counted. Samples are batched by
     length (longest first) to waste little compute on padding; the result does not
-    depend on the batching.
+    depend on the batching. `eos_mode` (see `scored_sequences`) changes only which
+    tokens are scored, never the entropy (always over a sample's own tokens).
     """
     if batch_size < 1:
         raise UserError(f"the batch size must be at least 1, got {batch_size}.")
@@ -208,7 +238,8 @@ def score_ppl(
     token_ids = tokenize_for_scoring(texts, tokenizer, max_length)
     non_empty = [ids for ids in token_ids if ids]
     n_empty = len(token_ids) - len(non_empty)
-    by_length = sorted(non_empty, key=len, reverse=True)
+    scored = scored_sequences(non_empty, tokenizer.eos_token_id, eos_mode)
+    by_length = sorted(scored, key=len, reverse=True)
 
     nll_sum, n_tokens, n_done = 0.0, 0, 0
     for first in range(0, len(by_length), batch_size):

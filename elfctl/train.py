@@ -44,6 +44,7 @@ RESUMABLE_CHANGES = {
     "train.sample_count",
     "train.epochs",
     "train.compile",
+    "train.gpu_precision",  # a resumed run may move to other hardware
     "description",
 }
 
@@ -314,6 +315,7 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "tokens_per_s": steps * seq_tokens / max(elapsed, 1e-9),
             "steps_per_s": steps / max(elapsed, 1e-9),
+            "precision": precision_name(self.acc.mixed_precision),
             "time": time.time(),
         }
 
@@ -348,7 +350,11 @@ class Trainer:
                 self.ema.averaged_state_dict(self.raw_model),
                 self.cfg,
                 self.step,
-                extra_meta={"epoch": self.step / self.steps_per_epoch, "data": meta},
+                extra_meta={
+                    "epoch": self.step / self.steps_per_epoch,
+                    "data": meta,
+                    "precision": precision_name(acc.mixed_precision),
+                },
                 extra_files={"training_state": staging},
             )
             self._apply_retention()
@@ -435,7 +441,7 @@ class Trainer:
             length=setting.length or cfg.data.max_length,
             seed=cfg.train.seed,
             condition=condition,
-            precision="auto",
+            precision="bf16" if self.acc.mixed_precision == "bf16" else "fp32",  # as training
         )
         rows = [
             records.sample_row(
@@ -458,9 +464,9 @@ class Trainer:
         if not data.conditional or not data.validation:
             return None, None, None
         if not hasattr(self, "_conditions"):
-            from .conditions import encode_conditions, read_sources
+            from .conditions import encode_conditions, read_source_rows
 
-            sources, references = read_sources(
+            rows = read_source_rows(
                 data.validation,
                 data.source_field,
                 data.target_field,
@@ -470,13 +476,14 @@ class Trainer:
             condition, _ = encode_conditions(
                 self.encoder,
                 self.tokenizer,
-                sources,
+                rows.texts,
                 data.max_length,
                 data.max_input_length,
                 self.device,
                 data.pad_token,
+                token_ids=rows.token_ids,  # the set's own condition ids, as in evaluation
             )
-            self._conditions = condition, sources, references
+            self._conditions = condition, rows.texts, rows.references
         return self._conditions
 
 
@@ -500,15 +507,31 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_accelerator(cpu: bool = False, mixed_precision: str | None = None):
+def make_accelerator(
+    cpu: bool = False, mixed_precision: str | None = None, gpu_precision: str = "bf16"
+):
+    """The Accelerator of a training run. Without `mixed_precision` (no, bf16, fp16), the
+    precision follows `precision.resolve_training`: Accelerate's choice, else
+    `gpu_precision` (a config's train.gpu_precision) on a CUDA GPU, else fp32."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    from .precision import training_precision
+
+    if mixed_precision is None:
+        mixed_precision = training_precision(cpu, None, gpu_precision).mode
     return Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+
+
+def precision_name(mixed_precision: str) -> str:
+    """Accelerate's mixed_precision as run records name it: fp32, bf16-autocast, ..."""
+    from .precision import Precision
+
+    return Precision(str(mixed_precision), "").name
 
 
 def train(
@@ -520,5 +543,5 @@ def train(
     on_step: Callable[[StepReport], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) a run; the library entry point behind `elfctl train`."""
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(gpu_precision=cfg.train.gpu_precision)
     return Trainer(cfg, Path(run_dir), accelerator, resume).fit(on_step)

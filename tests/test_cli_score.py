@@ -100,6 +100,34 @@ def test_globs_and_run_dirs_score_each_file_separately_and_combined(tmp_path, sc
     assert [r["file"] for r in json.loads(again.stdout)] == [first["file"]]
 
 
+def test_eos_mode_official_is_recorded_and_refuses_to_combine_files(tmp_path, scorer_dir):
+    write_run(tmp_path / "run_a", ROWS[:2])
+    write_run(tmp_path / "run_b", ROWS[2:])
+    result = invoke(
+        "score-ppl", tmp_path / "run_a", "--model", scorer_dir, "--eos-mode", "official", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.stdout)
+    model, tokenizer = scoring.load_scorer(scorer_dir)
+    texts = [r["text"] for r in ROWS[:2]]
+    expected = scoring.score_ppl(texts, model, tokenizer, eos_mode="official")
+    assert record["eos_mode"] == "official"
+    assert record["values"]["n_tokens"] == expected.n_tokens
+    assert record["values"]["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
+    both = invoke(
+        "score-ppl",
+        tmp_path / "run_*",
+        "--model",
+        scorer_dir,
+        "--eos-mode",
+        "official",
+        "--combined",
+    )
+    assert both.exit_code == 2 and "--combined needs --eos-mode ours" in both.stderr
+    bad = invoke("score-ppl", tmp_path / "run_a", "--model", scorer_dir, "--eos-mode", "batch")
+    assert bad.exit_code == 2 and "--eos-mode must be ours or official" in bad.stderr
+
+
 def test_official_port_rows_are_scored(tmp_path, scorer_dir):
     path = tmp_path / "official.jsonl"
     path.write_text('{"id": 0, "generated": "the cat sat"}\n{"id": 1, "generated": ""}\n')
@@ -142,6 +170,16 @@ def test_unmatched_glob_and_missing_file_exit_2(tmp_path, scorer_dir):
     (tmp_path / "empty_dir").mkdir()
     result = invoke("score-ppl", tmp_path / "empty_dir", "--model", scorer_dir)
     assert result.exit_code == 2 and "without a samples.jsonl" in result.stderr
+
+
+def test_a_scorer_path_that_does_not_exist_says_so(tmp_path, monkeypatch):
+    write_run(tmp_path / "run", ROWS)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("score-ppl", "run", "--model", "./no-such-model")
+    assert result.exit_code == 2
+    assert "the folder ./no-such-model does not exist" in result.stderr
+    assert "Repo id" not in result.stderr and "Traceback" not in result.stderr
+    assert metrics_files(tmp_path) == []
 
 
 def test_unloadable_scorer_exits_2(tmp_path):

@@ -21,6 +21,7 @@ from elfctl.conditions import (
     condition_batch,
     count_truncated,
     encode_conditions,
+    read_source_rows,
     read_sources,
 )
 from elfctl.config import resolve
@@ -322,6 +323,9 @@ def test_sample_input_writes_rows_that_score_bleu_reads(trained_run, tmp_path):
         "max_input_length": 16,
         "output_length": 16,
         "truncated_sources": 1,
+        "condition_ids": "tokenized",  # a JSONL file has only text
+        "condition_ids_from_dataset": 0,
+        "condition_ids_tokenized": 4,
     }
     scored = runner.invoke(app, ["score-bleu", str(out), "--json"])
     assert scored.exit_code == 0, scored.output
@@ -439,3 +443,93 @@ def test_sample_input_refusals_are_one_sentence(trained_run, tmp_path):
 def test_unconditional_sampling_never_loads_the_encoder(trained_run):
     assert load_for_sampling(str(trained_run)).encoder is None
     assert load_for_sampling(str(trained_run), with_encoder=True).encoder is not None
+
+
+# ---------------------------------------------------------------------------
+# A dataset's own condition ids (the official *_validation_t5 sets carry them)
+
+# Stored ids that re-tokenizing the text would NOT give back: another sentence's ids.
+STORED = ["every fox sleeps .", "the old child runs .", "that bird sees every cat ."]
+
+
+def save_sources(folder, tokenizer, with_ids: bool):
+    from datasets import Dataset
+
+    columns = {
+        "input": [s["input"] for s in SOURCES[:3]],
+        "target": [s["target"] for s in SOURCES[:3]],
+    }
+    if with_ids:
+        columns["condition_input_ids"] = [
+            tokenizer(text, add_special_tokens=False)["input_ids"] for text in STORED
+        ]
+    Dataset.from_dict(columns).save_to_disk(str(folder))
+    return folder
+
+
+def test_dataset_condition_ids_are_read_as_they_are(word_tokenizer, tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict(
+        {"input": ["the cat", "a dog"], "target": ["x", "y"], "condition_input_ids": [[7], [9, 3]]}
+    ).save_to_disk(str(tmp_path / "ids"))
+    rows = read_source_rows(str(tmp_path / "ids"))
+    assert rows.texts == ["the cat", "a dog"] and rows.token_ids == [[7], [9, 3]]
+    # The stored ids, not the text, fill the condition positions.
+    batch = condition_batch(word_tokenizer, rows.texts, 4, 2, token_ids=rows.token_ids)
+    assert batch["input_ids"].tolist() == [[7, 1, 1, 1], [9, 3, 1, 1]]
+    text_only = condition_batch(word_tokenizer, rows.texts, 4, 2)
+    assert text_only["input_ids"].tolist() == [[3, 5, 1, 1], [4, 6, 1, 1]]
+    assert read_source_rows(str(write_jsonl(tmp_path / "s.jsonl", SOURCES))).token_ids == [
+        None
+    ] * len(SOURCES)
+    Dataset.from_dict({"input": ["a"], "condition_input_ids": [["x"]]}).save_to_disk(
+        str(tmp_path / "bad")
+    )
+    with pytest.raises(UserError, match="'condition_input_ids' must be a list of token ids"):
+        read_source_rows(str(tmp_path / "bad"))
+    with pytest.raises(UserError, match="outside the tokenizer's 18 entries"):
+        condition_batch(word_tokenizer, ["the"], 4, 2, token_ids=[[3, 99]])
+
+
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_sampling_a_dataset_conditions_on_its_own_ids_or_else_on_its_text(
+    random_run, tmp_path, with_ids
+):
+    loaded = load_for_sampling(str(random_run), with_encoder=True)
+    tok = loaded.tokenizer
+    folder = save_sources(tmp_path / "set", tok, with_ids)
+    texts = [s["input"] for s in SOURCES[:3]]
+    stored = [tok(t, add_special_tokens=False)["input_ids"] for t in STORED]
+    assert stored != [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    with ForwardSpy() as spy:
+        result = sample(
+            "--repo", random_run, "--input", folder, "--steps", 2, "--out", tmp_path / "o"
+        )
+    assert result.exit_code == 0, result.output
+
+    expected, _ = encode_conditions(
+        loaded.encoder, tok, texts, 32, 16, token_ids=stored if with_ids else None
+    )
+    other, _ = encode_conditions(
+        loaded.encoder, tok, texts, 32, 16, token_ids=None if with_ids else stored
+    )
+    first = spy.inputs[0][:3, :, :64]  # z of the conditional branch at the first step
+    torch.testing.assert_close(first[expected.mask], expected.latents[expected.mask])
+    assert not torch.allclose(first[other.mask], other.latents[other.mask])
+
+    rows = [
+        json.loads(line) for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert [r["condition"] for r in rows] == texts  # the text is still what rows show
+    conditioning = json.loads((tmp_path / "o" / "run.json").read_text())["conditioning"]
+    assert conditioning["condition_ids"] == ("dataset" if with_ids else "tokenized")
+    assert conditioning["condition_ids_from_dataset"] == (3 if with_ids else 0)
+
+
+def test_a_missing_input_is_reported_before_anything_is_loaded(tmp_path):
+    # The checkpoint does not exist either: the input is checked first, so that is the error.
+    result = sample("--repo", tmp_path / "no-run", "--input", tmp_path / "missing.jsonl")
+    assert result.exit_code == 2
+    assert "--input not found" in result.output and "missing.jsonl" in result.output
+    assert "Traceback" not in result.output

@@ -134,3 +134,25 @@ def test_presets_ship_inside_a_non_editable_wheel(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for preset in OFFICIAL + ["tiny"]:
         assert f"elfctl/presets/{preset}.yaml" in names
+
+
+@pytest.mark.parametrize(
+    "text, line, column, what",
+    [
+        ("model:\n  depth: 4\n   hidden_size: 8\n", 3, 15, "mapping values are not allowed here"),
+        ("train: {seed: 1\nmodel: {}\n", 2, 6, "expected ',' or '}', but got ':'"),
+        ("data:\n  train: 'unclosed\n", 3, 1, "found unexpected end of stream"),
+    ],
+)
+def test_malformed_yaml_is_one_sentence_with_file_line_and_column(
+    tmp_path, text, line, column, what
+):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        resolve(config_file=path)
+    assert str(e.value) == f"{path}, line {line}, column {column}: {what}."
+    result = CliRunner().invoke(app, ["train", "--config", str(path), "--print-config"])
+    assert result.exit_code == 2
+    assert f"{path}, line {line}, column {column}" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

@@ -242,8 +242,9 @@ def slow_distill_loss(student, teacher, x, ids, cond, loss_mask, d, cfg, span):
         if d.is_decoder[b]:
             lam = d.lam[b : b + 1]
             z_dec = lam * xb + (1 - lam) * cfg.decoder_noise_scale * d.dec_noise[b : b + 1]
-            z_dec = torch.where(cb, xb, z_dec)
-            _, logits = student(torch.cat([z_dec, zeros], -1), torch.ones(1), sc_scale=w, decode=1)
+            no_self_cond = torch.zeros_like(xb)  # the whole row, condition positions too
+            inputs = torch.cat([z_dec, no_self_cond], -1)
+            _, logits = student(inputs, torch.ones(1), sc_scale=w, decode=1)
             ce = F.cross_entropy(logits[0], ids[b], reduction="none")
             losses.append((ce * mb).sum() / mb.sum())
             continue
@@ -332,6 +333,39 @@ def test_a_batch_of_decoder_rows_only_needs_no_teacher():
     no_cond, mask = torch.zeros(B, S, dtype=torch.bool), torch.ones(B, S, dtype=torch.bool)
     parts = distill_loss(student, teacher, x, ids, no_cond, mask, d, ObjectiveConfig(), 0.5, T_EPS)
     assert parts.l2_tokens.item() == 0 and torch.isfinite(parts.loss)
+
+
+def test_conditional_decoder_rows_of_distillation_corrupt_the_whole_row():
+    # Section 8's decoder rows are section 4's: lam x + (1 - lam) n s at every position,
+    # condition positions included, and a zero self-conditioning half over the whole row.
+    B, S, C = 4, 5, 16
+    gen = torch.Generator().manual_seed(9)
+    student = randomize_(ELF(tiny_model_config()), seed=1, std=0.15)
+    teacher = randomize_(ELF(tiny_model_config()), seed=2, std=0.15).eval()
+    cfg = ObjectiveConfig(decoder_noise_scale=1.0)
+    d = replace(
+        draw_pd(B, S, C, 2, cfg, "cpu", gen),
+        is_decoder=torch.tensor([True, False, True, False]),
+        drop_condition=torch.tensor([False, False, True, False]),
+    )
+    x = torch.randn(B, S, C, generator=gen)
+    ids = torch.randint(0, 18, (B, S), generator=gen)
+    cond = torch.arange(S)[None] < torch.tensor([2, 2, 3, 1])[:, None]
+    seen = []
+    student.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    distill_loss(student, teacher, x, ids, cond, ~cond, d, cfg, 0.5, T_EPS)
+    (inputs,) = seen
+    for b in (0, 2):
+        for p in range(S):
+            clean = x[b, p] * (0.0 if d.drop_condition[b] and cond[b, p] else 1.0)
+            lam = float(d.lam[b, p, 0])
+            expected = lam * clean + (1 - lam) * 1.0 * d.dec_noise[b, p]
+            torch.testing.assert_close(inputs[b, p, :C], expected, msg=f"row {b} pos {p}")
+            assert torch.equal(inputs[b, p, C:], torch.zeros(C)), f"row {b} pos {p}"
+    for b in (1, 3):  # PD rows keep the clean condition in z_s and in the half
+        where = cond[b]
+        torch.testing.assert_close(inputs[b, where, :C], x[b, where])
+        torch.testing.assert_close(inputs[b, where, C:], x[b, where])
 
 
 def test_gradients_reach_the_student_and_never_the_teacher():

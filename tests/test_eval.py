@@ -4,6 +4,7 @@ GPT-2 scorer and test-only settings passed with --config. No network."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -359,3 +360,33 @@ def test_more_samples_than_validation_rows_exits_2(tmp_path, conditional):
     )  # fmt: skip
     assert result.exit_code == 2
     assert f"--num-samples {len(pairs) + 1} is more than the {len(pairs)} rows" in result.stderr
+
+
+def test_conditional_eval_feeds_the_validation_sets_own_condition_ids(tmp_path, conditional):
+    from datasets import Dataset
+
+    from elfctl.encoder import load_tokenizer
+
+    ckpt, config_file, pairs = conditional
+    config = yaml.safe_load(Path(config_file).read_text())
+    # A pre-tokenized validation set like the official *_validation_t5 ones: stored ids
+    # (here each source's ids reversed) that re-tokenizing the text would not give back.
+    tok = load_tokenizer(config["encoder"]["tokenizer"])
+    stored = [tok(s, add_special_tokens=False)["input_ids"][::-1] for s, _ in pairs]
+    Dataset.from_dict(
+        {
+            "input": [s for s, _ in pairs],
+            "target": [t for _, t in pairs],
+            "condition_input_ids": stored,
+        }
+    ).save_to_disk(str(tmp_path / "validation"))
+    config["data"]["validation"] = str(tmp_path / "validation")
+    config["sampling"] = config["sampling"][:1]
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "eval"
+    args = ["eval", "--config", tmp_path / "eval.yaml", "--repo", ckpt, "--out", out, "--cpu"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    conditioning = records.read_run_json(out / "ode-cfg2")["conditioning"]
+    assert conditioning["condition_ids"] == "dataset"
+    assert conditioning["condition_ids_from_dataset"] == 4

@@ -46,7 +46,7 @@ def test_decoder_input_mixes_per_token_and_scales_the_noise():
     x = torch.tensor([[[2.0], [4.0]]])
     noise = torch.tensor([[[1.0], [-1.0]]])
     lam = torch.tensor([[[0.25], [1.0]]])
-    out = decoder_input(x, noise, lam, 5.0, torch.zeros(1, 2, dtype=torch.bool))
+    out = decoder_input(x, noise, lam, 5.0)
     assert out[0, :, 0].tolist() == [0.25 * 2 + 0.75 * 5.0, 4.0]
 
 
@@ -109,10 +109,9 @@ def slow_loss(model, x, input_ids, cond, loss_mask, d, cfg, t_eps=0.05):
         if d.is_decoder[b]:
             lam = d.lam[b : b + 1]
             z_dec = lam * xb + (1 - lam) * cfg.decoder_noise_scale * d.dec_noise[b : b + 1]
-            z_dec[cb] = xb[cb]
-            _, logits = model(
-                torch.cat([z_dec, zeros], -1), torch.ones(1), sc_scale=w, decode=torch.ones(1)
-            )
+            no_self_cond = torch.zeros_like(xb)  # the whole row, condition positions too
+            inputs = torch.cat([z_dec, no_self_cond], -1)
+            _, logits = model(inputs, torch.ones(1), sc_scale=w, decode=torch.ones(1))
             per_token = F.cross_entropy(logits[0], input_ids[b], reduction="none")
         else:
             with torch.no_grad():
@@ -177,3 +176,46 @@ def test_padding_and_condition_tokens_do_not_count():
     ids2[~loss_mask] = (ids2[~loss_mask] + 1) % 18  # change only tokens outside the mask
     other = elf_loss(model, x, ids2, cond, loss_mask, draws, cfg, 0.05)
     torch.testing.assert_close(base.loss, other.loss)
+
+
+def grad_forward_inputs(model, run):
+    """The (inputs, t, decode) of the one gradient forward `run()` makes through `model`."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        if torch.is_grad_enabled():
+            seen.append((args[0].detach().clone(), args[1].clone(), kwargs["decode"].clone()))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_conditional_decoder_rows_corrupt_the_whole_row_and_get_no_self_condition():
+    """Section 4: a decoder row's input is lam x + (1 - lam) n s at EVERY position, condition
+    positions included (not restored to the clean condition), and its self-conditioning half
+    is zero everywhere; denoiser rows keep x at condition positions in z_t and x_prev."""
+    model, x, ids, cond, loss_mask, draws = make_case(conditional=True)
+    cfg = ObjectiveConfig(decoder_noise_scale=5.0)
+    inputs, t_in, decode = grad_forward_inputs(
+        model, lambda: elf_loss(model, x, ids, cond, loss_mask, draws, cfg, t_eps=0.05)
+    )
+    z_in, x_prev_in = inputs[..., :C], inputs[..., C:]
+    assert any(draws.is_decoder[b] and cond[b].any() for b in range(B))  # the case is covered
+    for b in range(B):
+        for p in range(S):
+            clean = x[b, p] * (0.0 if draws.drop_condition[b] and cond[b, p] else 1.0)
+            if draws.is_decoder[b]:
+                lam = float(draws.lam[b, p, 0])
+                expected = lam * clean + (1 - lam) * 5.0 * draws.dec_noise[b, p]
+                torch.testing.assert_close(z_in[b, p], expected, msg=f"z_dec row {b} pos {p}")
+                assert torch.equal(x_prev_in[b, p], torch.zeros(C)), f"x_prev row {b} pos {p}"
+            elif cond[b, p]:
+                torch.testing.assert_close(z_in[b, p], clean, msg=f"z_t row {b} pos {p}")
+                torch.testing.assert_close(x_prev_in[b, p], clean, msg=f"x_prev row {b} pos {p}")
+        assert t_in[b] == (1.0 if draws.is_decoder[b] else draws.t[b])
+        assert decode[b] == float(draws.is_decoder[b])

@@ -234,3 +234,77 @@ def test_nothing_to_score_is_a_user_error():
         scoring.score_bleu([], [])
     with pytest.raises(UserError):
         scoring.score_rouge([], [])
+
+
+# ----------------------------------------------------------------------------- eos modes
+
+
+def slow_official_ppl(texts, model, tokenizer, max_length):
+    """The official script's way, written out: pad the WHOLE corpus at once with eos to its
+    longest sample, one forward, then score every real token after the first plus each
+    row's first padding eos; NLL by an explicit log-softmax, position by position."""
+    import torch
+
+    rows = [tokenizer(t)["input_ids"][:max_length] for t in texts]
+    rows = [r for r in rows if r]
+    eos = tokenizer.eos_token_id
+    longest = max(map(len, rows))
+    ids = torch.tensor([r + [eos] * (longest - len(r)) for r in rows])
+    real = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows])
+    first_pad = torch.zeros_like(real)
+    for i, r in enumerate(rows):
+        if len(r) < longest:
+            first_pad[i, len(r)] = 1
+    with torch.no_grad():
+        # Causal: the first pad eos is predicted from real tokens only, whatever the mask.
+        logits = model(input_ids=ids, attention_mask=real + first_pad).logits
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    nll_sum, n_tokens = 0.0, 0
+    for i in range(len(rows)):
+        for p in range(1, longest):
+            if real[i, p] or first_pad[i, p]:
+                nll_sum -= float(log_probs[i, p - 1, ids[i, p]])
+                n_tokens += 1
+    return math.exp(nll_sum / n_tokens), nll_sum, n_tokens
+
+
+@pytest.mark.parametrize("max_length", [64, 12])
+def test_official_eos_mode_equals_padding_the_whole_corpus_at_once(scorer, max_length):
+    model, tokenizer = scorer
+    result = scoring.score_ppl(
+        TEXTS, model, tokenizer, batch_size=3, max_length=max_length, eos_mode="official"
+    )
+    ppl, nll_sum, n_tokens = slow_official_ppl(TEXTS, model, tokenizer, max_length)
+    assert result.n_tokens == n_tokens
+    assert result.nll_sum == pytest.approx(nll_sum, rel=1e-5)
+    assert result.ppl == pytest.approx(ppl, rel=1e-5)
+    ours = scoring.score_ppl(TEXTS, model, tokenizer, batch_size=3, max_length=max_length)
+    lengths = [len(ids) for ids in scoring.tokenize_for_scoring(TEXTS, tokenizer, max_length)]
+    shorter = sum(0 < n < max(lengths) for n in lengths)
+    assert result.n_tokens == ours.n_tokens + shorter  # one eos per shorter sample
+    assert result.entropy == ours.entropy  # entropy is over a sample's own tokens
+
+
+def test_the_eos_modes_agree_when_every_sample_has_the_longest_length(scorer):
+    model, tokenizer = scorer
+    long_texts = [t for t in TEXTS if len(tokenizer(t)["input_ids"]) >= 8]
+    ours = scoring.score_ppl(long_texts, model, tokenizer, max_length=8)
+    official = scoring.score_ppl(long_texts, model, tokenizer, max_length=8, eos_mode="official")
+    assert (official.n_tokens, official.nll_sum) == (ours.n_tokens, ours.nll_sum)
+
+
+def test_official_eos_mode_does_not_depend_on_batch_size(scorer):
+    model, tokenizer = scorer
+    results = [
+        scoring.score_ppl(TEXTS, model, tokenizer, batch_size=b, eos_mode="official")
+        for b in (1, 4, 16)
+    ]
+    for result in results[1:]:
+        assert result.n_tokens == results[0].n_tokens
+        assert result.ppl == pytest.approx(results[0].ppl, rel=1e-6)
+
+
+def test_an_unknown_eos_mode_is_a_user_error(scorer):
+    model, tokenizer = scorer
+    with pytest.raises(UserError, match="eos mode must be ours or official"):
+        scoring.score_ppl(TEXTS, model, tokenizer, eos_mode="batch")

@@ -84,9 +84,11 @@ def distill(
         run_dir = Path("runs") / (cfg.name if cfg.name.endswith("-pd") else f"{cfg.name}-pd")
 
     from ..distill import distill as run_curriculum
+    from ..precision import training_precision
     from ..train import make_accelerator
 
-    accelerator = make_accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    precision = training_precision(cpu, mixed_precision, cfg.train.gpu_precision)
+    accelerator = make_accelerator(cpu=cpu, mixed_precision=precision.mode)
     main = accelerator.is_main_process
 
     def run_round(trainer):
@@ -96,7 +98,7 @@ def distill(
                 f"round {trainer.round}: span {trainer.span:g} in one step vs {trainer.substeps} "
                 f"teacher sub-steps; {where} in {trainer.run_dir}; {trainer.total_steps} steps "
                 f"of {cfg.train.global_batch} x {cfg.data.max_length} tokens on "
-                f"{accelerator.device}",
+                f"{accelerator.device}, precision {precision.describe()}",
                 highlight=False,
             )
             return fit_with_progress(trainer, f"round {trainer.round}", "pd")

@@ -84,7 +84,12 @@ def eval_command(
         None, "--mauve-model", help="MAUVE feature model (default: --scorer)."
     ),
     tokenizer: str = typer.Option(None, "--tokenizer", help="ELF tokenizer hub id or folder."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU), bf16 or fp32."),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto (on a GPU the preset's train.gpu_precision, bf16 in the official ones; "
+        "fp32 on the CPU), bf16 or fp32.",
+    ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even if a GPU is present."),
     force: bool = typer.Option(False, "--force", help="Overwrite an earlier evaluation in --out."),

@@ -48,7 +48,12 @@ def sample(
     tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer hub id or local folder."),
     out_dir: Path = typer.Option(None, "--out", help="Output directory (default outputs/...)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing sample run."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU), bf16 or fp32."),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto (on a GPU the config's train.gpu_precision, bf16 in the official presets; "
+        "fp32 on the CPU), bf16 or fp32.",
+    ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even if a GPU is present."),
     json_out: bool = typer.Option(False, "--json", help="Print run.json on stdout."),
@@ -103,6 +108,10 @@ def sample(
         )
     out_dir = out_dir or Path("outputs") / time.strftime("sample-%Y%m%d-%H%M%S")
     _check_out_dir(out_dir, force)
+    if input is not None:
+        from ..conditions import check_input_exists
+
+        check_input_exists(input)  # before the model, tokenizer and encoder load
 
     device = PartialState(cpu=cpu).device
     loaded = load_for_sampling(repo, preset, tokenizer, device, with_encoder=input is not None)
@@ -170,13 +179,14 @@ def _sample_from_sources(
     compile: bool,
     json_out: bool,
 ) -> None:
-    from ..conditions import count_truncated, read_sources
+    from ..conditions import count_truncated, read_source_rows
     from ..runs import SampleJob
 
     data = loaded.config.data
     if split is None and input == data.validation:
         split = data.validation_split  # the preset's own evaluation set
-    sources, references = read_sources(input, source_field, reference_field, split, num_samples)
+    rows = read_source_rows(input, source_field, reference_field, split, num_samples)
+    sources, references = rows.texts, rows.references
     n = len(sources)
     job = SampleJob(
         setting=chosen,
@@ -188,9 +198,10 @@ def _sample_from_sources(
         compile=compile,
         conditions=sources,
         references=references if any(r is not None for r in references) else None,
+        condition_ids=rows.token_ids,
         meta={"input": input, "source_field": source_field, "reference_field": reference_field},
     )
-    cut = count_truncated(loaded.tokenizer, sources, data.max_input_length)
+    cut = count_truncated(loaded.tokenizer, sources, data.max_input_length, rows.token_ids)
     if cut:
         console.print(
             f"[yellow]warning:[/] {cut} of {n} sources are longer than max_input_length "
@@ -210,7 +221,8 @@ def _run(job, loaded, out_dir: Path, what: str, json_out: bool) -> None:
     gamma = f", gamma {s.gamma}" if s.method == "sde" else ""
     console.print(
         f"sampling {what} ({s.method.upper()}, {s.steps} steps{gamma}, SC-CFG {s.sc_cfg}, "
-        f"CFG {s.cfg}, {s.time_schedule} grid) on {next(loaded.model.parameters()).device}",
+        f"CFG {s.cfg}, {s.time_schedule} grid) on {next(loaded.model.parameters()).device}, "
+        f"precision {job.precision_for(loaded).describe()}",
         highlight=False,
     )
     with progress("sampling", job.num_samples, "samples") as advance:

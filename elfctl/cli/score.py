@@ -32,7 +32,10 @@ PPL_HELP = (
     "\n\nToken-weighted over each file: exp(total next-token NLL / scored tokens). Each "
     "sample is retokenized with the scorer's tokenizer and truncated at --max-length; empty "
     "samples are skipped and counted. bf16 autocast on GPU, fp32 on CPU. A record is "
-    "appended to the metrics.jsonl beside each input."
+    "appended to the metrics.jsonl beside each input.\n\n--eos-mode official also scores one "
+    "eos after every sample shorter than the file's longest, as the official script does "
+    "(it pads the whole corpus with eos at once); the default scores only each sample's "
+    "own tokens."
 )
 BLEU_HELP = (
     "Corpus BLEU of each file's text against its reference (sacreBLEU, lowercased, "
@@ -158,6 +161,7 @@ def score_ppl_files(
     cpu: bool = False,
     combined: bool = False,
     write: bool = True,
+    eos_mode: str = "ours",
 ) -> list[dict[str, Any]]:
     """Score each input with Gen PPL + entropy; append a record beside each (if `write`).
 
@@ -173,6 +177,7 @@ def score_ppl_files(
     model, tokenizer = scoring.load_scorer(model_name, device)
     settings = {"max_length": max_length, "batch_size": batch_size, "device": str(device)}
     settings["dtype"] = dtype
+    settings["eos_mode"] = eos_mode
 
     results, out_records = [], []
     for path, rows in inputs:
@@ -191,6 +196,7 @@ def score_ppl_files(
                 tokenizer,
                 batch_size=batch_size,
                 max_length=max_length,
+                eos_mode=eos_mode,
                 on_batch=on_batch,
             )
             if done < len(texts):  # empty samples are counted, not batched
@@ -243,9 +249,22 @@ def score_ppl_command(
     ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     cpu: bool = typer.Option(False, "--cpu", help="Score on the CPU even if a GPU is present."),
+    eos_mode: str = typer.Option(
+        "ours",
+        "--eos-mode",
+        help="ours (each sample's own tokens) or official (also one eos after every sample "
+        "shorter than the file's longest, as the official script).",
+    ),
 ) -> None:
     """Gen PPL + entropy of each file (help text: PPL_HELP)."""
+    if eos_mode not in ("ours", "official"):
+        raise UserError(f"--eos-mode must be ours or official, got '{eos_mode}'.")
     inputs = read_inputs(files)
+    if combined and eos_mode == "official" and len(inputs) > 1:
+        raise UserError(
+            "--combined needs --eos-mode ours: the official mode's extra eos depends on the "
+            "longest sample of each scored corpus, so files cannot simply be added up."
+        )
     result_records = score_ppl_files(
         inputs,
         model,
@@ -253,6 +272,7 @@ def score_ppl_command(
         max_length=max_length,
         cpu=cpu,
         combined=combined,
+        eos_mode=eos_mode,
     )
     columns = [
         ("empty", "n_empty"),

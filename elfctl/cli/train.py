@@ -16,7 +16,12 @@ from .progress import fit_with_progress
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the config and exit.")]
 Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is present.")]
 MixedPrecision = Annotated[
-    str, typer.Option("--mixed-precision", help="no or bf16 (default: Accelerate's config).")
+    str,
+    typer.Option(
+        "--mixed-precision",
+        help="no or bf16 (default: Accelerate's bf16/fp16 if it names one, else the config's "
+        "train.gpu_precision on a GPU, bf16 in the official presets; fp32 on the CPU).",
+    ),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 
@@ -83,9 +88,11 @@ def train(
         out.print(dump_yaml(cfg), highlight=False, soft_wrap=True)
         return
 
+    from ..precision import training_precision
     from ..train import Trainer, make_accelerator
 
-    accelerator = make_accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    precision = training_precision(cpu, mixed_precision, cfg.train.gpu_precision)
+    accelerator = make_accelerator(cpu=cpu, mixed_precision=precision.mode)
     run_dir = run_dir or Path("runs") / cfg.name
     trainer = Trainer(cfg, run_dir, accelerator, resume)
     main = accelerator.is_main_process
@@ -95,7 +102,8 @@ def train(
             f"{cfg.name}: {where} in {run_dir}; {trainer.total_steps} steps of "
             f"{cfg.train.global_batch} x {cfg.data.max_length} tokens "
             f"({trainer.micro} per device x {accelerator.num_processes} processes x "
-            f"{trainer.accum} accumulation) on {accelerator.device}",
+            f"{trainer.accum} accumulation) on {accelerator.device}, precision "
+            f"{precision.describe()}",
             highlight=False,
         )
     result = fit_with_progress(trainer) if main else trainer.fit()

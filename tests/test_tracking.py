@@ -49,7 +49,8 @@ def test_tensorboard_events_hold_the_train_log_scalars_samples_and_config(tmp_pa
         assert [s for s, _ in logged] == [2, 4], name
         for (_, value), record in zip(logged, log, strict=True):
             assert value == pytest.approx(record[name], rel=1e-6), name
-    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/text_summary")}
+    text_events = events.Tensors("samples/text_summary")
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in text_events}
     assert set(texts) == {2, 4}
     for step, text in texts.items():
         for sample in sample_texts(run, step):
@@ -89,9 +90,7 @@ def wandb_records(path: str):
             yield record
 
 
-def test_a_wandb_offline_run_holds_the_train_log_scalars_samples_and_config(
-    tmp_path, monkeypatch
-):
+def test_a_wandb_offline_run_holds_the_train_log_scalars_samples_and_config(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "my-run"

@@ -167,3 +167,31 @@ def test_a_missing_or_unknown_tracker_is_one_sentence_and_exit_2_before_any_work
     errors = [line for line in result.output.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0]
     assert not run.exists()
+
+
+def test_distill_logs_each_round_as_its_own_tracker_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from elfctl.checkpoints import save_official_checkpoint
+    from elfctl.config import resolve
+    from elfctl.model import ELF
+    from tests.conftest import randomize_
+    from tests.test_distill import SMALL as DISTILL_SMALL
+
+    cfg = resolve("tiny", sets=DISTILL_SMALL)
+    weights = randomize_(ELF(cfg.model), seed=3, std=0.1).state_dict()
+    teacher = save_official_checkpoint(tmp_path / "checkpoint_9", weights, weights, 9)
+    run = tmp_path / "pd"
+    args = ["distill", "--preset", "tiny", "--teacher", str(teacher), "--run-dir", str(run)]
+    args += [a for s in DISTILL_SMALL for a in ("--set", s)]
+    args += ["--max-steps", "2", "--cpu", "--log-with", "tensorboard"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for k in (1, 2):
+        log = [
+            json.loads(x) for x in (run / f"round_{k}" / "train_log.jsonl").read_text().splitlines()
+        ]
+        events = EventAccumulator(str(run / f"round_{k}" / "logs" / f"pd-round_{k}"))
+        events.Reload()
+        logged = [(e.step, e.value) for e in events.Scalars("loss")]
+        assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in log]

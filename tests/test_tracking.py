@@ -77,7 +77,11 @@ def wandb_records(path: str):
         if left < 7:
             pos += left
             continue
+        if pos + 7 > len(data):
+            return  # a file still being written ends mid-header
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):
+            return  # ... or mid-chunk
         if kind == 0:  # zero padding to the end of the block
             pos += left
             continue
@@ -90,15 +94,34 @@ def wandb_records(path: str):
             yield record
 
 
+def finished_wandb_records(path: str, timeout_s: float = 60.0) -> list:
+    """The run's records once W&B's service has written them all (its `exit` record):
+    `finish()` hands the last records to a separate process, which writes them a little
+    later on a busy machine."""
+    import time
+
+    import wandb
+
+    wandb.teardown()  # waits for the service to shut down, flushing the run's file
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, "the W&B run file never got its exit record"
+        time.sleep(0.5)
+
+
 def test_a_wandb_offline_run_holds_the_train_log_scalars_samples_and_config(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "my-run"
     log = tracked_run(run, "wandb")
     (file,) = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
+    records = finished_wandb_records(file)
     history, config, name = {}, {}, None
     kinds = []
-    for record in wandb_records(file):
+    for record in records:
         kind = record.WhichOneof("record_type")
         kinds.append(kind)
         if kind == "history":

@@ -195,3 +195,16 @@ def test_bad_export_requests_are_one_sentence_and_write_nothing(
 def test_a_missing_source_is_a_clear_error(tmp_path):
     result = export(tmp_path / "nowhere", tmp_path / "out")
     assert result.exit_code == 2 and "Checkpoint not found" in result.output
+
+
+def test_a_config_yaml_of_another_tool_beside_an_official_checkpoint_is_not_read(
+    tmp_path, source_run
+):
+    from elfctl.checkpoints import load_checkpoint
+
+    out = tmp_path / "out"
+    assert export(source_run, out).exit_code == 0
+    assert load_checkpoint(str(out)).config.encoder.tokenizer == "testbed:grammar/tokenizer"
+    (out / "config.yaml").write_text("learning_rate: 0.1\nmodel_type: other\n")
+    ckpt = load_checkpoint(str(out))
+    assert ckpt.config is None and ckpt.model_config.hidden_size == 32  # read off the shapes

@@ -11,12 +11,12 @@ RUN ?= runs/tiny
 setup: $(VENV)/.installed
 
 # CPU torch 2.13.0 first (from the machine's local disk), or pip may fetch a multi-GB
-# CUDA build; then the project with its test, JAX, MAUVE and plot extras.
+# CUDA build; then the project with its test, JAX, MAUVE, plot and tracker extras.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,jax,mauve,plot]"
+	$(BIN)/pip install --quiet -e ".[test,jax,mauve,plot,tensorboard,wandb]"
 	touch $@
 
 demo: setup

@@ -48,7 +48,7 @@ class Checkpoint:
     format: str  # "official" | "elfctl"
 
     def sha256(self) -> str:
-        file = Path(self.path)
+        file = Path(self.path)  # the file the weights were read from
         if file.is_dir():
             file = file / WEIGHTS_FILE
         return file_sha256(file)
@@ -129,7 +129,9 @@ def _resolve_hub(source: str) -> tuple[Path, str]:
             if not names:
                 raise UserError(f"Hub repo {repo_id} holds no checkpoint_<step> file.")
             sub_path = max(names, key=lambda n: int(OFFICIAL_PATTERN.match(n).group(1)))
-        return Path(hf_hub_download(repo_id, sub_path)), "official"
+        path = Path(hf_hub_download(repo_id, sub_path))
+        _download_config_beside(repo_id, sub_path)
+        return path, "official"
     except UserError:
         raise
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
@@ -137,6 +139,18 @@ def _resolve_hub(source: str) -> tuple[Path, str]:
             f"Checkpoint not found: '{source}' is neither a local path nor a reachable hub "
             f"repo ({type(e).__name__})."
         ) from None
+
+
+def _download_config_beside(repo_id: str, sub_path: str) -> None:
+    """Fetch the config.yaml an `elfctl export` upload keeps next to its checkpoint."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    folder = "/".join(sub_path.split("/")[:-1])
+    try:
+        hf_hub_download(repo_id, f"{folder}/config.yaml" if folder else "config.yaml")
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        pass  # an official upload (no config beside the checkpoint), or offline and not cached
 
 
 # ---------------------------------------------------------------------------
@@ -147,7 +161,7 @@ def load_checkpoint(source: str, *, weights: str = "ema") -> Checkpoint:
     """Read a checkpoint's weights (EMA by default) and what is known about it."""
     path, fmt = resolve_source(source)
     if fmt == "elfctl":
-        return _load_ours(path)
+        return _load_ours(path, weights)
     return _load_official(path, weights)
 
 
@@ -166,15 +180,49 @@ def _load_official(path: Path, weights: str) -> Checkpoint:
     state_dict = {k: v.float() for k, v in blob[key].items()}
     step = blob.get("step")
     step = int(step) if step is not None else _step_from_name(path.name)
-    return Checkpoint(state_dict, _infer(state_dict, path), None, step, str(path), "official")
+    model_config = _infer(state_dict, path)
+    # `elfctl export --format official` puts the run's config beside the file: it brings
+    # the latent space (tokenizer, encoder, statistics) and the sampling settings.
+    config = _config_beside(path)
+    if config is not None:
+        model_config = config.model
+    return Checkpoint(state_dict, model_config, config, step, str(path), "official")
 
 
-def _load_ours(path: Path) -> Checkpoint:
+def _config_beside(path: Path) -> Config | None:
+    """Our config.yaml next to an official checkpoint file, if there is one.
+
+    A config.yaml in another schema (some other tool's) is not ours and is left alone.
+    """
+    import yaml
+
+    beside = path.parent / "config.yaml"
+    if not beside.is_file():
+        return None
+    try:
+        data = yaml.safe_load(beside.read_text())
+        return from_dict(data) if isinstance(data, dict) and "model" in data else None
+    except (yaml.YAMLError, UserError):
+        return None
+
+
+RAW_WEIGHTS_FILE = Path("training_state") / "model_raw.pt"
+
+
+def _load_ours(path: Path, weights: str = "ema") -> Checkpoint:
     import yaml
     from safetensors.torch import load_file
 
     meta = json.loads((path / "meta.json").read_text())
     config = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    if weights == "params":
+        raw = path / RAW_WEIGHTS_FILE
+        if not raw.is_file():
+            raise UserError(
+                f"{path} holds only EMA weights (no {RAW_WEIGHTS_FILE}); use the EMA weights."
+            )
+        state_dict = torch.load(raw, map_location="cpu", weights_only=True)
+        return Checkpoint(state_dict, config.model, config, meta.get("step"), str(raw), "elfctl")
     state_dict = load_file(str(path / WEIGHTS_FILE))
     return Checkpoint(state_dict, config.model, config, meta.get("step"), str(path), "elfctl")
 

@@ -31,7 +31,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     bottleneck: int = 128
     latent_dim: int = 512  # C, the encoder width
-    vocab_size: int = 32100  # V, the tokenizer's length (not the padded T5 table)
+    # V, the tokenizer's length (not the padded T5 table); "auto" reads it from the tokenizer.
+    vocab_size: int | Literal["auto"] = 32100
     num_time_tokens: int = 4
     num_sc_tokens: int = 4  # SC-CFG tokens; 0 disables SC-CFG conditioning
     num_mode_tokens: int = 4
@@ -45,8 +46,12 @@ class EncoderConfig:
 
     tokenizer: str = "t5-small"
     encoder: str = "t5-small"
-    latent_mean: float = 0.0
-    latent_std: float = 0.2
+    # "auto": measured by `elfctl train` with the frozen encoder on `latent_stats_rows`
+    # training rows drawn with train.seed (elfctl/autoconfig.py); the run's config.yaml
+    # then holds the numbers.
+    latent_mean: float | Literal["auto"] = 0.0
+    latent_std: float | Literal["auto"] = 0.2
+    latent_stats_rows: int = 1024
 
 
 @dataclass
@@ -124,6 +129,11 @@ class TrainConfig:
     # Precision on a CUDA GPU when neither a flag nor Accelerate chooses one (elfctl/precision.py);
     # bf16 autocast is the official recipe. The CPU always runs fp32 by default.
     gpu_precision: Literal["bf16", "fp32"] = "bf16"
+    # Fine-tuning (elfctl/finetune.py): start from these weights (anything `elfctl sample
+    # --repo` accepts) with a fresh optimiser, step count and EMA.
+    init: str | None = None
+    init_weights: Literal["ema", "raw"] = "ema"
+    init_from: dict[str, Any] = field(default_factory=dict)  # provenance, filled by training
 
 
 @dataclass

@@ -90,6 +90,8 @@ def check_distill_config(cfg: Config) -> None:
         )
     if d.steps_per_round is not None and d.steps_per_round < 1:
         raise UserError(f"distill.steps_per_round must be at least 1, got {d.steps_per_round}.")
+    if cfg.model.vocab_size == "auto":
+        raise UserError("Distillation keeps the teacher's model.vocab_size; give the number.")
     if d.epochs_per_round <= 0:
         raise UserError(f"distill.epochs_per_round must be positive, got {d.epochs_per_round}.")
 
@@ -374,6 +376,7 @@ class DistillTrainer(Trainer):
         self.teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
         super().__init__(cfg, run_dir, accelerator, resume)
         self.teacher_state = None  # only needed to build round 1's student
+        self.tracker_name = f"{self.run_dir.parent.name}-{self.run_dir.name}"
 
     def initial_model(self):
         """Round 1: a copy of the teacher; round k > 1: round k-1's EMA weights."""
@@ -470,17 +473,20 @@ def distill(
     resume: str = "auto",
     on_step: Callable[[StepReport], None] | None = None,
     run_round: Callable[[DistillTrainer], TrainResult] | None = None,
+    log_with: list[str] | None = None,
 ) -> list[RoundResult]:
     """Run (or resume) rounds of the curriculum in order; the entry point behind
     `elfctl distill`. Finished rounds are skipped; a round that stops early (time budget)
     ends the call, so the next call resumes in that round. `run_round` replaces
-    `trainer.fit(on_step)` (the CLI wraps it in a progress bar)."""
+    `trainer.fit(on_step)` (the CLI wraps it in a progress bar); `log_with` names Accelerate
+    trackers, one tracker run per round (elfctl/tracking.py)."""
     check_distill_config(cfg)
     accelerator = accelerator or make_accelerator(gpu_precision=cfg.train.gpu_precision)
     rounds = rounds or list(range(1, len(cfg.distill.spans) + 1))
     results = []
     for k in rounds:
         trainer = DistillTrainer(round_config(cfg, k), round_dir(run_dir, k), accelerator, resume)
+        trainer.log_with = list(log_with or [])
         common = (k, trainer.span, trainer.substeps, trainer.run_dir)
         if trainer.finished:
             results.append(RoundResult(*common, trainer.step, trainer.total_steps, True, None))

@@ -168,9 +168,22 @@ def t5_attention_mask(
     return additive.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> FrozenEncoder:
-    """The frozen encoder named by the config, on `device`."""
-    encoder = FrozenEncoder.from_pretrained(cfg.encoder, cfg.latent_mean, cfg.latent_std)
+def load_encoder(
+    cfg: EncoderConfig, device: str | torch.device = "cpu", measuring: bool = False
+) -> FrozenEncoder:
+    """The frozen encoder named by the config, on `device`.
+
+    `auto` latent statistics are only meaningful while training measures them
+    (`measuring`, elfctl/autoconfig.py): they load as mean 0 / std 1 (raw hidden states).
+    """
+    if not measuring and "auto" in (cfg.latent_mean, cfg.latent_std):
+        raise UserError(
+            "encoder.latent_mean/latent_std are auto, which only training can measure; "
+            "give the numbers (a trained run's config.yaml holds them)."
+        )
+    mean = 0.0 if cfg.latent_mean == "auto" else cfg.latent_mean
+    std = 1.0 if cfg.latent_std == "auto" else cfg.latent_std
+    encoder = FrozenEncoder.from_pretrained(cfg.encoder, mean, std)
     return encoder.to(device)
 
 

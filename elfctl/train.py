@@ -17,6 +17,7 @@ Run directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -83,6 +84,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: str) -> Path | None:
     """Check the run directory against the config; return the checkpoint to resume from."""
     checkpoints = list_step_dirs(run_dir / "checkpoints")
     saved_config = run_dir / "config.yaml"
+    saved = read_saved_config(run_dir)
     if resume not in ("auto", "never"):
         path = Path(resume)
         if not (path / "meta.json").is_file() or not (path / "training_state").is_dir():
@@ -93,17 +95,23 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: str) -> Path | None:
             f"{run_dir} already holds a run; resume it with --resume auto or choose a new "
             "--run-dir."
         )
-    if saved_config.exists():
-        import yaml
-
-        _check_same_run(from_dict(yaml.safe_load(saved_config.read_text())), cfg, run_dir)
+    if saved is not None:
+        _check_same_run(saved, cfg, run_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+def read_saved_config(run_dir: Path) -> Config | None:
+    """The resolved config a run directory was started with, if any."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    return from_dict(yaml.safe_load(path.read_text())) if path.exists() else None
 
 
 def _check_same_run(saved: Config, cfg: Config, run_dir: Path) -> None:
     old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
     for key in sorted(set(old) | set(new)):
-        if key in RESUMABLE_CHANGES or key.startswith("sampling"):
+        if key in RESUMABLE_CHANGES or key.startswith(("sampling", "train.init_from")):
             continue
         if old.get(key) != new.get(key):
             raise UserError(
@@ -126,6 +134,7 @@ class Trainer:
     """Holds the pieces of a run; `fit` runs the loop. Only the main process writes."""
 
     def __init__(self, cfg: Config, run_dir: Path, accelerator, resume: str = "auto"):
+        from . import autoconfig
         from .data import Collator, EpochShuffler, load_rows
         from .encoder import load_encoder, load_tokenizer
         from .optim import (
@@ -136,18 +145,27 @@ class Trainer:
             resolve_warmup_steps,
         )
 
+        cfg = copy.deepcopy(cfg)  # `auto` values and init provenance are resolved in place
         self.cfg, self.run_dir, self.acc = cfg, Path(run_dir), accelerator
         self.device = accelerator.device
         self.micro, self.accum = plan_batches(cfg, accelerator.num_processes)
 
-        self.resume_from = prepare_run_dir(self.run_dir, cfg, resume)
+        saved = read_saved_config(self.run_dir) if resume != "never" else None
+        if saved is not None:  # a resumed run keeps the numbers it was started with
+            autoconfig.inherit_resolved(cfg, saved)
+            cfg.train.init_from = saved.train.init_from
+        else:
+            cfg.train.init_from = {}  # filled by initial_model when fine-tuning
         self.tokenizer = load_tokenizer(cfg.encoder.tokenizer)
+        self.auto_settings = autoconfig.resolve_vocab_size(cfg, self.tokenizer)
+        self.resume_from = prepare_run_dir(self.run_dir, cfg, resume)
         if len(self.tokenizer) != cfg.model.vocab_size:
             raise UserError(
                 f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer "
                 f"'{cfg.encoder.tokenizer}' has {len(self.tokenizer)} entries."
             )
-        self.encoder = load_encoder(cfg.encoder, self.device)
+        measuring = autoconfig.needs_latent_stats(cfg)
+        self.encoder = load_encoder(cfg.encoder, self.device, measuring=measuring)
         if self.encoder.width != cfg.model.latent_dim:
             raise UserError(
                 f"model.latent_dim is {cfg.model.latent_dim} but the encoder "
@@ -155,6 +173,9 @@ class Trainer:
             )
         self.rows = load_rows(cfg.data.train, cfg.data, self.tokenizer, cfg.data.split)
         self.collate = Collator.for_tokenizer(cfg.data, self.tokenizer)
+        self.auto_settings.update(
+            autoconfig.resolve_latent_stats(cfg, self.encoder, self.rows, self.collate, self.device)
+        )
         n_rows = len(self.rows)
         if n_rows < cfg.train.global_batch:
             raise UserError(
@@ -178,6 +199,8 @@ class Trainer:
         self.raw_model = model
         self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.step, self.epoch, self.position = 0, 0, 0
+        self.log_with: list[str] = []  # Accelerate trackers (elfctl/tracking.py)
+        self.tracker_name = self.run_dir.name
         # Per-rank training randomness, independent of the (shared) init seed.
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.train.seed * 1000 + 17 + accelerator.process_index)
@@ -185,10 +208,18 @@ class Trainer:
             self._load(self.resume_from)
 
     def initial_model(self):
-        """The network before the first step (subclasses warm-start from other weights)."""
+        """The network before the first step: `train.init`'s weights when fine-tuning (not
+        on resume: the checkpoint brings the weights), else a seeded random init.
+        Subclasses warm-start from other weights."""
         from .model import ELF
 
         torch.manual_seed(self.cfg.train.seed)  # same initial weights on every process
+        if self.cfg.train.init and self.resume_from is None:
+            from .finetune import init_model, load_init_weights
+
+            source = load_init_weights(self.cfg.train.init, self.cfg.train.init_weights)
+            self.cfg.train.init_from = source.provenance
+            return init_model(self.cfg, source)
         return ELF(self.cfg.model)
 
     # -- one optimiser step ----------------------------------------------------------
@@ -261,6 +292,17 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             records.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
             self._trim_log()
+        from .tracking import Tracking
+
+        tracking = Tracking(self.log_with, self.run_dir, acc.is_main_process, self.tracker_name)
+        tracking.start(cfg)
+        try:
+            return self._loop(on_step, tracking, resumed_from)
+        finally:
+            tracking.finish()
+
+    def _loop(self, on_step, tracking, resumed_from: int | None) -> TrainResult:
+        cfg, acc = self.cfg, self.acc
         start = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         window = torch.zeros(4, device=self.device)
@@ -282,12 +324,14 @@ class Trainer:
                 report.record = last_record
                 if acc.is_main_process:
                     _append_jsonl(self.run_dir / "train_log.jsonl", last_record)
+                tracking.log(last_record)
                 window.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if self.step % cfg.train.checkpoint_every == 0 or done:
                 report.checkpoint = self.save()
             if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                 report.samples = self.sample_now()
+                tracking.log_samples(report.samples, self.step)
             if on_step is not None:
                 on_step(report)
             if out_of_time:

@@ -6,6 +6,7 @@ from . import (
     convert,  # noqa: F401
     distill,  # noqa: F401
     eval,  # noqa: F401
+    export,  # noqa: F401
     sample,  # noqa: F401  (registers commands)
     score,  # noqa: F401
     score_distribution,  # noqa: F401

@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import UserError
 
@@ -41,9 +42,7 @@ def _root(
 
 
 def fail(message: str, code: int = 2) -> None:
-    from rich.markup import escape
-
-    # escape: a message may hold brackets ("pip install 'elfctl[mauve]'", paths) that rich
+    # escape: a message may hold brackets ("pip install 'elfctl[wandb]'", paths) that rich
     # would otherwise swallow as markup.
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

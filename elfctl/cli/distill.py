@@ -10,7 +10,7 @@ import typer
 from ..config import preset_names
 from .app import app, console, handle_errors, out
 from .progress import fit_with_progress
-from .train import Cpu, JsonOut, MixedPrecision, PrintConfig, resolve_run_config
+from .train import Cpu, JsonOut, LogWith, MixedPrecision, PrintConfig, resolve_run_config
 
 
 @app.command(
@@ -57,6 +57,7 @@ def distill(
         None, "--max-steps", min=1, help="Steps per round (distill.steps_per_round)."
     ),
     resume: str = typer.Option("auto", "--resume", help="auto (resume each round) or never."),
+    log_with: LogWith = None,
     print_config: PrintConfig = False,
     cpu: Cpu = False,
     mixed_precision: MixedPrecision = None,
@@ -76,8 +77,10 @@ def distill(
         return
 
     from ..distill import check_distill_config, parse_rounds
+    from ..tracking import parse_log_with
 
     check_distill_config(cfg)
+    trackers = parse_log_with(log_with)
     n = len(cfg.distill.spans)
     chosen = parse_rounds(str(round_) if round_ is not None else (rounds or f"1-{n}"), n)
     if run_dir is None:
@@ -105,7 +108,13 @@ def distill(
         return trainer.fit()
 
     results = run_curriculum(
-        cfg, run_dir, chosen, accelerator=accelerator, resume=resume, run_round=run_round
+        cfg,
+        run_dir,
+        chosen,
+        accelerator=accelerator,
+        resume=resume,
+        run_round=run_round,
+        log_with=trackers,
     )
     if not main:
         return

@@ -24,6 +24,36 @@ MixedPrecision = Annotated[
     ),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+LogWith = Annotated[
+    list[str],
+    typer.Option(
+        "--log-with",
+        help="Experiment trackers through Accelerate: tensorboard, wandb, mlflow, ... "
+        "(comma-separated or repeated; tensorboard and wandb come with elfctl's extras "
+        "of the same names).",
+    ),
+]
+
+
+def print_resolved(trainer) -> None:
+    """What training found out for the user: `auto` settings and fine-tuning provenance."""
+    auto = dict(trainer.auto_settings)
+    rows = auto.pop("rows", None)
+    for key, value in auto.items():
+        how = (
+            "from the tokenizer"
+            if key == "model.vocab_size"
+            else (f"measured on {rows} training rows (seed {trainer.cfg.train.seed})")
+        )
+        shown = f"{value:.6g}" if isinstance(value, float) else value
+        console.print(f"auto: {key} = {shown} ({how})", highlight=False)
+    init = trainer.cfg.train.init_from
+    if init and trainer.resume_from is None:
+        console.print(
+            f"fine-tuning from {init['source']}: {init['weights']} weights of step "
+            f"{init['step']} ({init['format']}, sha256 {init['sha256'][:12]}...)",
+            highlight=False,
+        )
 
 
 def resolve_run_config(
@@ -60,7 +90,10 @@ def _train_help() -> str:
         "  elfctl train --preset tiny\n\n"
         "  elfctl train --preset owt-b --run-dir runs/owt-b --set train.micro_batch=64\n\n"
         "  accelerate launch --num_processes 2 -m elfctl train --preset tiny --cpu\n\n"
-        "  elfctl train --preset xsum-b --print-config"
+        "  elfctl train --preset xsum-b --print-config\n\n"
+        "  elfctl train --preset owt-b --init embedded-language-flows/ELF-B-owt-torch "
+        "--set data.train=./my_corpus/ --run-dir runs/my-finetune\n\n"
+        "  elfctl train --preset tiny --log-with tensorboard,wandb"
     ),
 )
 @handle_errors
@@ -75,18 +108,38 @@ def train(
     resume: str = typer.Option(
         "auto", "--resume", help="auto (newest checkpoint in the run dir), never, or a path."
     ),
+    init: str = typer.Option(
+        None,
+        "--init",
+        help="Fine-tune: start from these weights (hub id, checkpoint file or folder, "
+        "converted JAX checkpoint, or run dir) with a fresh optimiser, step count and EMA.",
+    ),
+    init_weights: str = typer.Option(
+        None, "--init-weights", help="ema (default) or raw: which weights of --init to use."
+    ),
+    log_with: LogWith = None,
     print_config: PrintConfig = False,
     cpu: Cpu = False,
     mixed_precision: MixedPrecision = None,
     json_out: JsonOut = False,
 ) -> None:
     from ..config import dump_yaml
+    from ..tracking import parse_log_with
 
-    overrides = {"train.max_steps": max_steps}
+    if init_weights not in (None, "ema", "raw"):
+        from ..errors import UserError
+
+        raise UserError(f"--init-weights must be ema or raw, got '{init_weights}'.")
+    overrides = {
+        "train.max_steps": max_steps,
+        "train.init": init,
+        "train.init_weights": init_weights,
+    }
     cfg = resolve_run_config(preset, config_file, overrides, sets, mixed_precision)
     if print_config:
         out.print(dump_yaml(cfg), highlight=False, soft_wrap=True)
         return
+    trackers = parse_log_with(log_with)
 
     from ..precision import training_precision
     from ..train import Trainer, make_accelerator
@@ -95,8 +148,10 @@ def train(
     accelerator = make_accelerator(cpu=cpu, mixed_precision=precision.mode)
     run_dir = run_dir or Path("runs") / cfg.name
     trainer = Trainer(cfg, run_dir, accelerator, resume)
+    trainer.log_with = trackers
     main = accelerator.is_main_process
     if main:
+        print_resolved(trainer)
         where = f"resuming from step {trainer.step}" if trainer.resume_from else "starting"
         console.print(
             f"{cfg.name}: {where} in {run_dir}; {trainer.total_steps} steps of "

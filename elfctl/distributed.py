@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
 T = TypeVar("T")
 
 
@@ -24,7 +22,7 @@ class Processes:
 
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: Any = "cpu"  # a torch.device (torch is imported only where it is used)
 
     @property
     def is_main(self) -> bool:
@@ -32,12 +30,16 @@ class Processes:
 
     def barrier(self) -> None:
         if self.world > 1:
+            import torch.distributed
+
             torch.distributed.barrier()
 
     def gather(self, obj: Any) -> list[Any]:
         """Every process's `obj`, in rank order (on every process)."""
         if self.world == 1:
             return [obj]
+        import torch.distributed
+
         gathered: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(gathered, obj)
         return gathered

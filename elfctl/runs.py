@@ -160,7 +160,7 @@ class SampleJob:
             text = json.dumps([self.conditions, self.references], ensure_ascii=False)
             sources = hashlib.sha256(text.encode()).hexdigest()
         return {
-            "checkpoint_sha256": loaded.checkpoint.sha256(),
+            "checkpoint_sha256": _checkpoint_sha256(loaded.checkpoint),
             "tokenizer": loaded.config.encoder.tokenizer,
             "sampler": setting,
             "num_samples": self.num_samples,
@@ -199,6 +199,22 @@ class SampleJob:
             raise UserError(f"--resume: {out_dir} holds no unfinished sample run to resume.")
         pending = [i for i in range(self.num_samples) if i not in done]
         return SamplePlan(len(done), distributed.batches(pending, self.batch_size))
+
+    def finished(self, loaded: LoadedModel, out_dir: Path) -> dict | None:
+        """run.json of a finished run of these settings in `out_dir`; None if there is none.
+
+        A finished run of other settings is an error (it is never overwritten silently).
+        """
+        out_dir = Path(out_dir)
+        if not (out_dir / records.SAMPLES_FILE).exists():
+            return None
+        info = records.read_run_json(out_dir) if (out_dir / records.RUN_FILE).exists() else {}
+        device = next(loaded.model.parameters()).device
+        if info.get("fingerprint") != self.fingerprint(loaded, device):
+            raise UserError(
+                f"{out_dir} already holds samples of other settings; pass --force or another --out."
+            )
+        return info
 
     # ------------------------------------------------------------------ running
 
@@ -251,6 +267,7 @@ class SampleJob:
         procs.barrier()  # every batch file is written
         wall = time.perf_counter() - start
         info = self.describe(loaded, device, wall, plan, per_process)
+        info["fingerprint"] = self.fingerprint(loaded, device)
         if procs.is_main:
             rows = _rows_in_order(unfinished, self.num_samples)
             records.write_samples(out_dir, rows)
@@ -335,7 +352,7 @@ class SampleJob:
                 "path": ckpt.path,
                 "format": ckpt.format,
                 "step": ckpt.step,
-                "sha256": ckpt.sha256(),
+                "sha256": _checkpoint_sha256(ckpt),
                 "model": size_name(loaded.config.model),
             },
             "preset": loaded.config.name,
@@ -385,6 +402,19 @@ class SampleJob:
                 ),
             }
         return info
+
+
+_SHA256: dict[tuple, str] = {}
+
+
+def _checkpoint_sha256(ckpt: Checkpoint) -> str:
+    """The checkpoint's sha256, hashed once per file version (plans and run.json need it)."""
+    file = Path(ckpt.path)
+    stat = (file / "model.safetensors" if file.is_dir() else file).stat() if file.exists() else None
+    key = (str(file), stat.st_mtime_ns if stat else None, stat.st_size if stat else None)
+    if key not in _SHA256:
+        _SHA256[key] = ckpt.sha256()
+    return _SHA256[key]
 
 
 def sampler_settings(setting: SamplingSetting) -> SamplerSettings:

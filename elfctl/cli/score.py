@@ -163,16 +163,19 @@ def score_ppl_files(
 
     Returns the records (plus one for all files together if `combined`).
     """
-    from accelerate import PartialState
-
     from .. import scoring
+    from ..distributed import processes
+    from .app import quiet_unless_main
 
-    device = PartialState(cpu=cpu).device
+    procs = processes(cpu)  # under accelerate launch, each process scores a share
+    quiet_unless_main(procs)
+    device = procs.device
     dtype = "bf16-autocast" if device.type == "cuda" else "fp32"
     console.print(f"loading scorer {model_name} on {device} ({dtype})", highlight=False)
     model, tokenizer = scoring.load_scorer(model_name, device)
     settings = {"max_length": max_length, "batch_size": batch_size, "device": str(device)}
     settings["dtype"] = dtype
+    settings["processes"] = procs.world
 
     results, out_records = [], []
     for path, rows in inputs:
@@ -192,6 +195,7 @@ def score_ppl_files(
                 batch_size=batch_size,
                 max_length=max_length,
                 on_batch=on_batch,
+                procs=procs,
             )
             if done < len(texts):  # empty samples are counted, not batched
                 advance(len(texts) - done)
@@ -199,7 +203,7 @@ def score_ppl_files(
         record = records.metrics_record(
             path.resolve(), "gen_ppl", result.to_dict(), scorer=model_name, n=len(rows), **settings
         )
-        if write:
+        if write and procs.is_main:
             records.append_metrics(path.parent, record)
         out_records.append(record)
 

@@ -247,6 +247,7 @@ def _sample_from_sources(
 
 def _run(job, loaded, out_dir: Path, what: str, json_out: bool, procs, resume: str) -> None:
     """Say what is sampled and how, sample with a progress bar, summarise."""
+    plan = job.plan(loaded, out_dir, resume)  # checks an unfinished run before any output
     s = job.setting
     gamma = f", gamma {s.gamma}" if s.method == "sde" else ""
     where = f"{procs.world} processes on {procs.device.type}" if procs.world > 1 else procs.device
@@ -255,7 +256,6 @@ def _run(job, loaded, out_dir: Path, what: str, json_out: bool, procs, resume: s
         f"CFG {s.cfg}, {s.time_schedule} grid {job.grid}) on {where}",
         highlight=False,
     )
-    plan = job.plan(loaded, out_dir, resume)
     if plan.done:
         console.print(
             f"resuming the unfinished run in {out_dir}: {plan.done} of {job.num_samples} "

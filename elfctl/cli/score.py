@@ -265,7 +265,10 @@ def score_ppl_command(
         ("entropy", "entropy"),
         ("samples/s", "samples_per_s"),
     ]
-    report(result_records, f"Gen PPL ({model})", columns, json_out)
+    from ..distributed import processes
+
+    if processes(cpu).is_main:  # under accelerate launch every process has the result
+        report(result_records, f"Gen PPL ({model})", columns, json_out)
 
 
 # ----------------------------------------------------------------------------- BLEU / ROUGE

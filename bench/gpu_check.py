@@ -221,11 +221,11 @@ def single_process(args, size: Size, device) -> None:
             print(f"  {mode:<11} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             torch._dynamo.reset()
             continue
-        total = time.perf_counter() - start
+        warm_up = time.perf_counter() - start - args.repeats * seconds
         rate = size.sample_batch / seconds
         print(
             f"  {mode:<11} {rate:9.3f} samples/s  {rate * flops / 1e12:8.3f} TFLOP/s  "
-            f"peak {peak_gib(device)}  (first run incl. warm-up: {total - args.repeats * seconds:.0f}s)"
+            f"peak {peak_gib(device)}  (first run incl. warm-up: {warm_up:.0f}s)"
         )
         torch._dynamo.reset()
     del model
@@ -279,8 +279,7 @@ def multi_process(args, size: Size, world: int) -> None:
     print(
         f"{world} processes (eager): sampling {samples:.3f} samples/s in total "
         f"({samples / world:.3f} per process, {samples * flops / 1e12:.3f} TFLOP/s); "
-        f"training {tokens:,.0f} tokens/s in total (DDP); peak "
-        + ", ".join(r[3] for r in results)
+        f"training {tokens:,.0f} tokens/s in total (DDP); peak " + ", ".join(r[3] for r in results)
     )
 
 

@@ -105,10 +105,11 @@ def main() -> None:
             )
     for steps in args.steps:
         batch, sample = (r for r in results if r["steps"] == steps)
+        between = batch["sd_between_batches"] / sample["sd_between_batches"]
+        seeds = batch["stderr"] / max(sample["stderr"], 1e-9)
         print(
-            f"{steps} steps: per-batch grids give {batch['sd_between_batches'] / sample['sd_between_batches']:.2f}x "
-            f"the between-batch sd and {batch['stderr'] / max(sample['stderr'], 1e-9):.2f}x the "
-            "standard error over seeds of per-sample grids"
+            f"{steps} steps: per-batch grids give {between:.2f}x the between-batch sd and "
+            f"{seeds:.2f}x the standard error over seeds of per-sample grids"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

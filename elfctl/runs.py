@@ -5,6 +5,13 @@
 Conditional runs (a job with `conditions`) encode each batch's sources with the frozen
 encoder just before sampling that batch (ELF_SPEC.md section 5), so memory holds one
 batch of condition latents, never the whole input's.
+
+A run is resumable and data-parallel: finished batches wait in `OUT/.unfinished/` (one
+file per batch, written atomically, beside `job.json`, the fingerprint of the settings)
+until every batch is done; then the main process writes samples.jsonl (in id order) and
+run.json and removes the folder. Under `accelerate launch` each process samples every
+N-th pending batch (distributed.py); samples are keyed by (seed, id) (streams.py), so
+they do not depend on how the work was split or interrupted.
 """
 
 from __future__ import annotations
@@ -279,7 +286,7 @@ class SampleJob:
     def _sample_rows(self, loaded, net, ids: list[int], condition: Condition | None) -> list[dict]:
         """One batch of sample rows (ids consecutive or not), conditioned where asked."""
         cond = None
-        if self.conditions is not None:
+        if self.conditions is not None or condition is not None:
             cond = self._batch_condition(loaded, ids, condition)
         tokens = sample_batch(
             net,

@@ -95,3 +95,44 @@ def test_two_processes_at_batch_2_write_the_same_samples_as_one_at_batch_4(tmp_p
         assert record["values"][key] == pytest.approx(expected["values"][key], rel=1e-6)
     (written,) = records.read_metrics(tmp_path / "two")  # one metrics line, not two
     assert written["values"]["ppl"] == record["values"]["ppl"]
+
+
+@pytest.mark.slow
+def test_eval_with_seeds_on_two_processes_equals_one_process(tmp_path, files):
+    import yaml
+
+    ckpt, tok, scorer = files
+    config = {
+        "name": "test-ddp",
+        "encoder": {"tokenizer": str(tok)},
+        "data": {"conditional": False, "max_length": 8, "pad_token": "eos"},
+        "sampling": [
+            {"name": "sde-a", "method": "sde", "steps": 3, "num_samples": 5, "batch_size": 2}
+        ],
+    }
+    config_file = tmp_path / "test-ddp.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    args = ["eval", "--config", config_file, "--repo", ckpt, "--scorer", scorer, "--cpu"]
+    args += ["--seeds", "0,1", "--json"]
+    one = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "one"]])
+    assert one.exit_code == 0, one.output
+    two = launch(*args, "--out", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stdout + two.stderr
+    summary = json.loads(two.stdout)  # printed once, by the main process
+    assert summary == json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert summary["processes"] == 2
+    (row_two,) = summary["rows"]
+    (row_one,) = json.loads(one.stdout)["rows"]
+    for seed in (0, 1):
+        same = [
+            tmp_path / run / "sde-a" / f"seed_{seed}" / "samples.jsonl" for run in ("one", "two")
+        ]
+        assert same[0].read_bytes() == same[1].read_bytes()
+        assert len(records.read_metrics(same[1].parent)) == 1
+    for name in ("gen_ppl", "entropy"):
+        assert row_two["metrics"][name]["per_seed"] == pytest.approx(
+            row_one["metrics"][name]["per_seed"], rel=1e-6
+        )
+        assert row_two["metrics"][name]["stderr"] == pytest.approx(
+            row_one["metrics"][name]["stderr"], rel=1e-5
+        )

@@ -1,9 +1,9 @@
 """`elfctl sample` throughput on 1 and on N processes (accelerate launch), side by side.
 
-Runs the same sample command (the run's own sampling setting) as one plain process and
-under `accelerate launch --num_processes N`, alternating, and prints the samples/s each
-run.json records (total and per process), plus whether the two samples.jsonl are
-byte-identical (they must be).
+Runs the same sample command (the run's own sampling setting) as one plain process at
+--batch-size and under `accelerate launch --num_processes N` at --batch-size / N per
+process, alternating, and prints the samples/s each run.json records (total and per
+process), plus whether the two samples.jsonl are byte-identical (they must be).
 
     python bench/sample_processes.py --repo /work/runs/tiny            # CPU, 1 vs 2
     python bench/sample_processes.py --repo RUN --processes 8 --gpu    # 8 GPUs
@@ -39,21 +39,22 @@ def main() -> None:
 
     bin_dir = Path(sys.executable).parent
     common = ["sample", "--repo", args.repo, "--num-samples", str(args.num_samples)]
-    common += ["--batch-size", str(args.batch_size), "--precision", "fp32"]
-    if not args.gpu:
-        common.append("--cpu")
+    common += ["--precision", "fp32"] + ([] if args.gpu else ["--cpu"])
+    one_batch = ["--batch-size", str(args.batch_size)]
+    many_batch = ["--batch-size", str(max(1, args.batch_size // args.processes))]
     launch = [str(bin_dir / "accelerate"), "launch", "--multi_gpu"]
     launch += ["--num_processes", str(args.processes), "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "elfctl"]
     print(
-        f"{args.repo}: {args.num_samples} samples, batch {args.batch_size}, "
-        f"OMP_NUM_THREADS={args.threads} per process"
+        f"{args.repo}: {args.num_samples} samples; 1 process at batch {args.batch_size}, "
+        f"{args.processes} at batch {many_batch[1]}; OMP_NUM_THREADS={args.threads} per process"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             one, many = Path(tmp) / f"one{r}", Path(tmp) / f"many{r}"
-            single = run([str(bin_dir / "elfctl"), *common, "--out", str(one)], one, args.threads)
-            multi = run([*launch, *common, "--out", str(many)], many, args.threads)
+            command = [str(bin_dir / "elfctl"), *common, *one_batch, "--out", str(one)]
+            single = run(command, one, args.threads)
+            multi = run([*launch, *common, *many_batch, "--out", str(many)], many, args.threads)
             same = (one / "samples.jsonl").read_bytes() == (many / "samples.jsonl").read_bytes()
             per = ", ".join(f"{x:.2f}" for x in multi["samples_per_s_per_process"])
             print(

@@ -142,6 +142,7 @@ def acceptance(source: str, steps: list[int], args, train_texts, method: str = "
             seed=args.seed,
             batch_size=args.batch_size,
             precision="fp32",
+            grid="per-batch",  # the grids these figures were measured with (README)
         ).texts
         out[k] = evaluate_samples(texts, train_texts) | {"examples": texts[:3]}
     return out

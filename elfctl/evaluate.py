@@ -25,6 +25,7 @@ are exactly theirs. This module never prints; progress and messages go through h
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, records
 from .config import Config, SamplingSetting, resolve, sampling_setting
 from .errors import UserError
+from .stats import mean_stderr
 
 if TYPE_CHECKING:
     import torch
@@ -155,8 +157,14 @@ def default_out_dir(config: Config) -> Path:
     return Path("outputs") / f"eval-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_out_dir(out_dir: Path, settings: list[SamplingSetting], force: bool) -> None:
-    """Refuse (before any work) to overwrite an earlier evaluation without `force`."""
+def check_out_dir(
+    out_dir: Path, settings: list[SamplingSetting], force: bool, seeds: list[int] | None = None
+) -> None:
+    """Refuse (before any work) to overwrite an earlier evaluation without `force`.
+
+    A setting folder that already holds samples is left to `run_eval`: samples of the
+    same settings (a killed evaluation started again) are reused, others are an error.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory.")
     if force:
@@ -164,11 +172,34 @@ def check_out_dir(out_dir: Path, settings: list[SamplingSetting], force: bool) -
     if (out_dir / EVAL_FILE).exists():
         raise UserError(f"{out_dir} already holds {EVAL_FILE}; pass --force or another --out.")
     for setting in settings:
-        for name in (records.SAMPLES_FILE, records.METRICS_FILE):
-            if (out_dir / setting.name / name).exists():
+        for seed in seeds or [None]:
+            run_dir = run_dir_for(out_dir, setting, seed)
+            metrics = run_dir / records.METRICS_FILE
+            if metrics.exists() and not (run_dir / records.SAMPLES_FILE).exists():
                 raise UserError(
-                    f"{out_dir / setting.name} already holds {name}; pass --force or another --out."
+                    f"{run_dir} already holds {records.METRICS_FILE}; pass --force or another "
+                    "--out."
                 )
+
+
+def run_dir_for(out_dir: Path, setting: SamplingSetting, seed: int | None) -> Path:
+    """<out>/<setting>, or <out>/<setting>/seed_<s> for an evaluation over several seeds."""
+    run_dir = Path(out_dir) / setting.name
+    return run_dir if seed is None else run_dir / f"seed_{seed}"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]: distinct non-negative integers, in the order given."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise UserError(
+            f"--seeds must be distinct non-negative integers separated by commas, got '{text}'."
+        )
+    seeds = [int(part) for part in parts]
+    duplicates = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if duplicates:
+        raise UserError(f"--seeds names seed {duplicates[0]} twice.")
+    return seeds
 
 
 # ----------------------------------------------------------------------------- loading
@@ -256,6 +287,9 @@ class EvalRequest:
     scorer: str = "gpt2-large"  # recorded in eval.json; the ScoreFn does the scoring
     metrics: list[str] | None = None  # scorer kinds (`--metrics`); None: the preset's own
     meta: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] | None = None  # every setting once per seed (mean +- standard error)
+    grid: str = "per-sample"
+    procs: Any = None  # distributed.Processes; None: this process alone
 
 
 def run_eval(
@@ -264,15 +298,26 @@ def run_eval(
     progress: ProgressFn | None = None,
     log: LogFn | None = None,
 ) -> dict[str, Any]:
-    """Sample every setting into its own run dir, score them all, write and return eval.json."""
+    """Sample every setting (once per seed) into its own run dir, score them all, write
+    and return eval.json.
+
+    Every sample run is checked before any is sampled: one that is already finished with
+    the same settings is reused and an unfinished one continues (a killed evaluation
+    started again), one with other settings is an error. Under several processes the
+    sampling and Gen PPL are shared and the main process writes eval.json.
+    """
+    from .distributed import Processes
     from .runs import SampleJob
 
     log = log or (lambda message: None)
     progress = progress or _no_progress
     config, out_dir = request.config, request.out_dir
-    check_out_dir(out_dir, request.settings, request.force)
+    check_out_dir(out_dir, request.settings, request.force, request.seeds)
+    seeds = request.seeds if request.seeds is not None else [request.seed]
+    by_seed = request.seeds is not None
 
     loaded = load_for_eval(request.source, config, request.tokenizer, request.device)
+    procs = request.procs or Processes(device=next(loaded.model.parameters()).device)
     config = loaded.config  # the checkpoint's network inside the preset's settings
     sources = None
     available = None
@@ -288,53 +333,117 @@ def run_eval(
                 f"set {config.data.validation} (the setting asks for {setting.num_samples})"
             )
 
-    runs: list[tuple[SamplingSetting, Path, dict[str, Any]]] = []
+    resume = "never" if request.force else "auto"
+    planned = []  # (setting, seed, run dir, job, run.json of a finished run or a plan)
     for setting in request.settings:
         n = counts[setting.name]
-        run_dir = out_dir / setting.name
-        if request.force:  # the old metrics describe samples that are about to be replaced
-            (run_dir / records.METRICS_FILE).unlink(missing_ok=True)
-        job = SampleJob(
-            setting=setting,
-            num_samples=n,
-            length=setting.length or config.data.max_length,
-            seed=request.seed,
-            batch_size=min(request.batch_size or setting.batch_size, n),
-            precision=request.precision,
-            compile=request.compile,
-            conditions=sources.texts[:n] if sources is not None else None,
-            references=sources.references[:n] if sources is not None else None,
-            condition_ids=sources.token_ids[:n] if sources is not None else None,
-            meta={"eval": {"preset": config.name, "setting": setting.name}, **request.meta},
-        )
-        log(
-            f"{setting.name}: sampling {n} x {job.length} tokens ({describe_sampler(setting)}), "
-            f"precision {job.precision_for(loaded).describe()}"
-        )
-        with progress(f"sampling {setting.name}", n, "samples") as advance:
-            info = job.run(loaded, run_dir, on_batch=advance)
+        for seed in seeds:
+            run_dir = run_dir_for(out_dir, setting, seed if by_seed else None)
+            job = SampleJob(
+                setting=setting,
+                num_samples=n,
+                length=setting.length or config.data.max_length,
+                seed=seed,
+                batch_size=min(request.batch_size or setting.batch_size, n),
+                precision=request.precision,
+                compile=request.compile,
+                conditions=sources.texts[:n] if sources is not None else None,
+                references=sources.references[:n] if sources is not None else None,
+                condition_ids=sources.token_ids[:n] if sources is not None else None,
+                meta={"eval": {"preset": config.name, "setting": setting.name}, **request.meta},
+                grid=request.grid,
+            )
+            finished = None if request.force else job.finished(loaded, run_dir)
+            planned.append(
+                (setting, seed, run_dir, job, finished or job.plan(loaded, run_dir, resume))
+            )
+
+    runs: list[tuple[SamplingSetting, Path, dict[str, Any]]] = []
+    seed_of: dict[str, int] = {}
+    for setting, seed, run_dir, job, finished in planned:
+        name = setting.name + (f" seed {seed}" if by_seed else "")
+        if isinstance(finished, dict):
+            log(f"{name}: reusing the finished samples in {run_dir}")
+            info = finished
+        else:
+            if procs.is_main and request.force:  # old metrics describe replaced samples
+                (run_dir / records.METRICS_FILE).unlink(missing_ok=True)
+            done = f", resuming after {finished.done} done" if finished.done else ""
+            log(
+                f"{name}: sampling {job.num_samples} x {job.length} tokens "
+                f"({describe_sampler(setting)}{done}), "
+                f"precision {job.precision_for(loaded).describe()}"
+            )
+            with progress(f"sampling {name}", finished.pending_samples, "samples") as advance:
+                info = job.run(
+                    loaded, run_dir, on_batch=advance, procs=procs, plan=finished, resume=resume
+                )
         runs.append((setting, run_dir, info))
+        seed_of[_key(run_dir)] = seed
     del loaded
     _free_accelerator_memory()
 
     by_file = score_runs(config, runs, score, request.metrics)
-    rows = [
-        setting_row(config, setting, run_dir, info, by_file[_key(run_dir)], request.metrics)
-        for setting, run_dir, info in runs
-    ]
+    rows = []
+    for setting in request.settings:
+        per_seed = [
+            setting_row(config, s, run_dir, info, by_file[_key(run_dir)], request.metrics)
+            for s, run_dir, info in runs
+            if s.name == setting.name
+        ]
+        if by_seed:
+            rows.append(seed_row(per_seed, [seed_of[_key(Path(r["run_dir"]))] for r in per_seed]))
+        else:
+            rows.extend(per_seed)
     summary = {
         "elfctl_version": __version__,
         "preset": config.name,
         "repo": request.source,
         "checkpoint": runs[0][2]["checkpoint"] if runs else None,
         "scorer": request.scorer,
-        "seed": request.seed,
+        "seed": request.seed if not by_seed else None,
+        "seeds": seeds if by_seed else None,
+        "grid": request.grid,
+        "processes": procs.world,
         "out_dir": str(out_dir),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": rows,
     }
-    records.atomic_write_json(out_dir / EVAL_FILE, summary)
+    if procs.is_main:
+        records.atomic_write_json(out_dir / EVAL_FILE, summary)
     return summary
+
+
+def seed_row(per_seed: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """One setting's row over seeds: each metric's mean and standard error (stats.py),
+    with the per-seed values and rows beside them."""
+    first = per_seed[0]
+    metrics = {}
+    for name, entry in first["metrics"].items():
+        values = [row["metrics"][name]["value"] for row in per_seed]
+        known = [v for v in values if v is not None and math.isfinite(v)]
+        mean, stderr = mean_stderr(known) if len(known) == len(values) else (None, None)
+        metrics[name] = {**entry, "value": mean, "stderr": stderr, "per_seed": values}
+    wall = sum(row["wall_seconds"] for row in per_seed)
+    sampled = sum(row["samples_per_s"] * row["wall_seconds"] for row in per_seed)
+    return {
+        **{k: v for k, v in first.items() if k not in ("metrics", "run_dir")},
+        "metrics": metrics,
+        "seeds": seeds,
+        "per_seed": [
+            {
+                "seed": seed,
+                "metrics": {name: entry["value"] for name, entry in row["metrics"].items()},
+                "wall_seconds": row["wall_seconds"],
+                "samples_per_s": row["samples_per_s"],
+                "run_dir": row["run_dir"],
+            }
+            for seed, row in zip(seeds, per_seed, strict=True)
+        ],
+        "wall_seconds": round(wall, 3),
+        "samples_per_s": round(sampled / wall, 4) if wall > 0 else 0.0,
+        "run_dir": str(Path(first["run_dir"]).parent),
+    }
 
 
 def score_runs(

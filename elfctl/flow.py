@@ -48,6 +48,30 @@ def time_grid(
     raise ValueError(f"unknown time schedule {schedule!r}")
 
 
+def time_grids(
+    steps: int,
+    schedule: str,
+    inner_draws: torch.Tensor | None,
+    p_mean: float = -1.5,
+    p_std: float = 0.8,
+    device=None,
+    rows: int = 1,
+) -> torch.Tensor:
+    """One N-step grid per row: (rows, N+1), each increasing from 0 to 1.
+
+    `inner_draws` (rows, N-1) are standard normals: row r's logit-normal grid is 0, the
+    sorted sigmoid(p_mean + p_std * draws[r]), then 1 (what `time_grid` draws, one per
+    row). `uniform` ignores them: every row is linspace.
+    """
+    if schedule == "uniform":
+        return torch.linspace(0.0, 1.0, steps + 1, device=device).expand(rows, -1).contiguous()
+    if schedule != "logit_normal":
+        raise ValueError(f"unknown time schedule {schedule!r}")
+    inner = torch.sigmoid(inner_draws * p_std + p_mean).sort(dim=-1).values
+    zeros = torch.zeros(inner.shape[0], 1, device=inner.device)
+    return torch.cat([zeros, inner, zeros + 1.0], dim=-1)
+
+
 def add_noise(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, s: float) -> torch.Tensor:
     """z_t = t x + (1 - t) s eps, with t broadcast per row: (B,) against (B, S, C)."""
     t = _rows(t, x)
@@ -60,8 +84,8 @@ def velocity(x_hat: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_eps: float
 
 
 def ode_step(z: torch.Tensor, v: torch.Tensor, t, t_next) -> torch.Tensor:
-    """Euler: z <- z + (t_next - t) v."""
-    return z + (t_next - t) * v
+    """Euler: z <- z + (t_next - t) v; t, t_next scalars or one time per row (B,)."""
+    return z + _rows(t_next - t, z) * v
 
 
 def sde_back(
@@ -71,10 +95,12 @@ def sde_back(
 
     h = t_next - t, alpha = clip(1 - gamma h, 0, 1), t_back = alpha t,
     z_back = alpha z + (1 - alpha) s eps. The caller then takes an Euler step from
-    (z_back, t_back) to t_next with the velocity evaluated at z_back.
+    (z_back, t_back) to t_next with the velocity evaluated at z_back. t, t_next are
+    scalars or one time per row (B,) (per-sample time grids).
     """
     alpha = (1 - gamma * (t_next - t)).clamp(0.0, 1.0)
-    return alpha * z + (1 - alpha) * s * eps, alpha * t
+    a = _rows(alpha, z)
+    return a * z + (1 - a) * s * eps, alpha * t
 
 
 def log_uniform_shifted(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:

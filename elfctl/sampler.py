@@ -8,12 +8,13 @@ tokens are decoded after the loop.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from . import flow
+from .streams import BatchStream, SampleStreams
 
 
 @dataclass
@@ -119,31 +120,35 @@ def sample_latents(
     model,
     settings: SamplerSettings,
     noise: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | SampleStreams | None = None,
     condition: Condition | None = None,
 ) -> torch.Tensor:
     """Integrate from z = s * noise at t = 0 to t = 1; returns the final z (B, S, C).
 
     All steps but the last use the chosen method; the last is always an ODE step.
+    `generator` is where the time grid and the churn noise come from: a
+    `streams.SampleStreams` (each sample its own stream, so its own grid), or one
+    torch.Generator for the whole batch (the official port's draws: one grid per batch).
     """
     device, B = noise.device, noise.shape[0]
     s, t_eps = settings.noise_scale, model.cfg.t_eps
-    grid = flow.time_grid(
-        settings.steps, settings.time_schedule, settings.p_mean, settings.p_std, generator, device
+    draws = generator if isinstance(generator, SampleStreams) else BatchStream(generator, B, device)
+    grids = draws.time_grids(
+        settings.steps, settings.time_schedule, settings.p_mean, settings.p_std
     )
+    times = grids.T.contiguous()  # (N+1, B): times[i] is step i's time of every row
     sc_scale = torch.full((B,), float(settings.sc_cfg), device=device)
     z = restore(s * noise, condition)
     x_prev = restore(torch.zeros_like(z), condition)
     for i in range(settings.steps):
-        t, t_next = grid[i], grid[i + 1]
+        t, t_next = times[i], times[i + 1]
         if settings.method == "sde" and i < settings.steps - 1:
-            eps = torch.randn(z.shape, generator=generator, device=device)
+            eps = draws.normal(z.shape[1:])
             z, t = flow.sde_back(z, t, t_next, settings.gamma, s, eps)
             z = restore(z, condition)
         elif settings.method not in ("sde", "ode"):
             raise ValueError(f"unknown sampler {settings.method!r}")
-        t_rows = t.expand(B).contiguous()  # one stride for every call: no recompiles
-        x_hat, v = denoise(model, z, x_prev, t_rows, sc_scale, settings.cfg, condition, t_eps)
+        x_hat, v = denoise(model, z, x_prev, t, sc_scale, settings.cfg, condition, t_eps)
         z = restore(flow.ode_step(z, v, t, t_next), condition)
         x_prev = x_hat
     return z
@@ -200,21 +205,24 @@ def generate(
     precision: str | None = "auto",
     compile: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    grid: str = "per-sample",
+    first_id: int = 0,
 ) -> Generation:
-    """Sample `num_samples` texts. An explicit `noise` (B, S, C) fixes the start exactly.
+    """Sample `num_samples` texts, ids first_id, first_id + 1, ...
 
-    With a condition, `num_samples` and `length` come from it and outputs are the
-    target part only. Samples depend on (seed, batch_size, device).
+    Sample i's randomness is its own stream keyed by (seed, i) (`streams.py`), so the
+    samples do not depend on `batch_size`; `grid="per-batch"` shares one time grid per
+    batch as the official port does (keyed by the batch's first id). An explicit `noise`
+    (B, S, C) fixes the start exactly. With a condition, `num_samples` and `length` come
+    from it and outputs are the target part only.
     """
     device = next(model.parameters()).device
     settings = SamplerSettings(steps, method, gamma, sc_cfg, cfg, time_schedule, noise_scale)
-    C = model.cfg.latent_dim
     if noise is not None:
         num_samples, length = noise.shape[0], noise.shape[1]
     if condition is not None:
         num_samples, length = condition.latents.shape[0], condition.latents.shape[1]
     batch_size = batch_size or num_samples
-    generator = torch.Generator(device=device).manual_seed(seed)
     net = torch.compile(model) if compile else model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1
@@ -222,22 +230,52 @@ def generate(
     all_tokens: list[list[int]] = []
     for start in range(0, num_samples, batch_size):
         end = min(start + batch_size, num_samples)
-        if noise is not None:
-            eps = noise[start:end].to(device=device, dtype=torch.float32)
-        else:
-            eps = torch.randn(end - start, length, C, generator=generator, device=device)
+        ids = range(first_id + start, first_id + end)
+        eps = None if noise is None else noise[start:end].to(device=device, dtype=torch.float32)
         cond = _slice_condition(condition, start, end, device)
-        with autocast_context(device, precision):
-            z = sample_latents(net, settings, eps, generator, cond)
-            tokens = decode(net, z, sc_cfg)
-        if cond is not None:
-            tokens = shift_condition(tokens, cond, pad_id)
-        tokens = mask_after_eos(tokens, eos_id, pad_id)
-        all_tokens.extend(strip_pad(row, pad_id) for row in tokens.tolist())
+        tokens = sample_batch(
+            net, settings, ids, seed, length, cond, grid, precision, eps, pad_id, eos_id
+        )
+        all_tokens.extend(tokens)
         if on_batch is not None:
             on_batch(end - start)
-    texts = tokenizer.batch_decode(all_tokens, skip_special_tokens=True)
-    return Generation(tokens=all_tokens, texts=[t.strip() for t in texts])
+    return Generation(tokens=all_tokens, texts=detokenize(tokenizer, all_tokens))
+
+
+def sample_batch(
+    net,
+    settings: SamplerSettings,
+    ids: Sequence[int],
+    seed: int,
+    length: int,
+    condition: Condition | None = None,
+    grid: str = "per-sample",
+    precision: str | None = "auto",
+    noise: torch.Tensor | None = None,
+    pad_id: int = 0,
+    eos_id: int = 1,
+) -> list[list[int]]:
+    """The token ids of samples `ids` (one batch): sample_latents -> decode -> cut.
+
+    Each row's noise, grid and churn come from its own stream (seed, id); `noise`
+    replaces the drawn initial noise.
+    """
+    device = next(net.parameters()).device
+    streams = SampleStreams(seed, ids, device, grid)
+    eps = streams.normal((length, net.cfg.latent_dim))  # drawn even if replaced: same streams
+    if noise is not None:
+        eps = noise
+    with autocast_context(device, precision):
+        z = sample_latents(net, settings, eps, streams, condition)
+        tokens = decode(net, z, settings.sc_cfg)
+    if condition is not None:
+        tokens = shift_condition(tokens, condition, pad_id)
+    tokens = mask_after_eos(tokens, eos_id, pad_id)
+    return [strip_pad(row, pad_id) for row in tokens.tolist()]
+
+
+def detokenize(tokenizer, tokens: list[list[int]]) -> list[str]:
+    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 def _slice_condition(condition: Condition | None, start: int, end: int, device):

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .distributed import Processes, my_share
 from .errors import UserError
 
 if TYPE_CHECKING:  # torch and transformers are imported where they are used
@@ -214,13 +215,17 @@ def score_ppl(
     max_length: int = DEFAULT_MAX_LENGTH,
     eos_mode: str = "ours",
     on_batch: ProgressCallback | None = None,
+    procs: Processes | None = None,
 ) -> PPLResult:
     """Gen PPL (token-weighted, section 6) and mean unigram entropy of `texts`.
 
     Empty samples (no GPT-2 token) are skipped and counted. Samples are batched by
     length (longest first) to waste little compute on padding; the result does not
     depend on the batching. `eos_mode` (see `scored_sequences`) changes only which
-    tokens are scored, never the entropy (always over a sample's own tokens).
+    tokens are scored, never the entropy (always over a sample's own tokens). Under
+    several processes (`procs`) each scores its share of the batches and every process
+    gets the whole corpus's result: the per-sample sums are gathered and added in sample
+    order.
     """
     if batch_size < 1:
         raise UserError(f"the batch size must be at least 1, got {batch_size}.")
@@ -235,21 +240,26 @@ def score_ppl(
         )
 
     start = time.perf_counter()
+    procs = procs or Processes()
     token_ids = tokenize_for_scoring(texts, tokenizer, max_length)
     non_empty = [ids for ids in token_ids if ids]
     n_empty = len(token_ids) - len(non_empty)
     scored = scored_sequences(non_empty, tokenizer.eos_token_id, eos_mode)
-    by_length = sorted(scored, key=len, reverse=True)
-
-    nll_sum, n_tokens, n_done = 0.0, 0, 0
-    for first in range(0, len(by_length), batch_size):
-        batch = by_length[first : first + batch_size]
-        for sample_nll_sum, sample_tokens in sample_nll(batch, model, tokenizer.pad_token_id):
-            nll_sum += sample_nll_sum
-            n_tokens += sample_tokens
-        n_done += len(batch)
+    # Longest first, so batches waste little compute on padding; under several processes
+    # each scores every N-th batch.
+    order = sorted(range(len(scored)), key=lambda i: len(scored[i]), reverse=True)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    mine: list[tuple[int, float, int]] = []  # (sample index, summed NLL, scored tokens)
+    for n_done, batch in enumerate(my_share(batches, procs), start=1):
+        nlls = sample_nll([scored[i] for i in batch], model, tokenizer.pad_token_id)
+        mine.extend((i, nll, n) for i, (nll, n) in zip(batch, nlls, strict=True))
         if on_batch is not None:
-            on_batch(n_done, len(by_length))
+            done = min(len(order), sum(len(b) for b in batches[: n_done * procs.world]))
+            on_batch(done, len(order))
+    per_sample = sorted(x for part in procs.gather(mine) for x in part)
+    # Exact sums in sample order: the same figure whatever the batching or process count.
+    nll_sum = math.fsum(nll for _, nll, _ in per_sample)
+    n_tokens = sum(n for _, _, n in per_sample)
 
     seconds = time.perf_counter() - start
     return PPLResult(

@@ -29,8 +29,9 @@ from elfctl.data import collate
 from elfctl.encoder import encoder_pair_mask
 from elfctl.errors import UserError
 from elfctl.model import ELF
-from elfctl.runs import batch_seeds, load_for_sampling
+from elfctl.runs import load_for_sampling
 from elfctl.sampler import mask_after_eos
+from elfctl.streams import sample_key
 from tests.conftest import randomize_
 from tests.test_sampler import slow_sample
 
@@ -399,16 +400,20 @@ def test_cli_outputs_equal_two_separate_forwards_per_step(random_run, tmp_path):
     model, S, C = loaded.model, 32, 64
     sources = [s["input"] for s in SOURCES[:3]]
     condition, _ = encode_conditions(loaded.encoder, loaded.tokenizer, sources, S, 16)
-    # generate()'s random stream for the run's only batch: the noise, then the grid.
-    gen = torch.Generator().manual_seed(batch_seeds(4, 1)[0])
-    eps = torch.randn(3, S, C, generator=gen)
-    inner = torch.sigmoid(torch.randn(steps - 1, generator=gen) * 0.8 - 1.5).sort().values
-    time_grid = torch.cat([torch.zeros(1), inner, torch.ones(1)])
+    # Each sample's own stream, keyed by (seed 4, its id): its noise, then its grid.
+    z = []
+    for i in range(3):
+        gen = torch.Generator().manual_seed(sample_key(4, i))
+        eps = torch.randn(1, S, C, generator=gen)
+        inner = torch.sigmoid(torch.randn(steps - 1, generator=gen) * 0.8 - 1.5).sort().values
+        time_grid = torch.cat([torch.zeros(1), inner, torch.ones(1)])
+        with torch.no_grad():
+            z.append(slow_sample(
+                model, eps, steps, "ode", 0.0, 1.0, 2.0, time_grid, None,
+                cond=(condition.latents[i : i + 1], condition.mask[i : i + 1]), g=g,
+            ))  # fmt: skip
+    z = torch.cat(z)
     with torch.no_grad():
-        z = slow_sample(
-            model, eps, steps, "ode", 0.0, 1.0, 2.0, time_grid, None,
-            cond=(condition.latents, condition.mask), g=g,
-        )  # fmt: skip
         _, logits = model(
             torch.cat([z, torch.zeros_like(z)], -1), torch.ones(3), sc_scale=1.0, decode=True
         )

@@ -390,3 +390,104 @@ def test_conditional_eval_feeds_the_validation_sets_own_condition_ids(tmp_path, 
     conditioning = records.read_run_json(out / "ode-cfg2")["conditioning"]
     assert conditioning["condition_ids"] == "dataset"
     assert conditioning["condition_ids_from_dataset"] == 4
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def test_seeds_give_mean_and_standard_error_of_the_per_seed_values(
+    tmp_path, unconditional, scorer_dir
+):
+    import math
+
+    out = tmp_path / "eval"
+    result = run_eval(unconditional, scorer_dir, out, "--seeds", "0,1,2", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary == json.loads((out / "eval.json").read_text())
+    assert summary["seeds"] == [0, 1, 2]
+    for row, setting in zip(summary["rows"], SETTINGS, strict=True):
+        assert row["seeds"] == [0, 1, 2] and [s["seed"] for s in row["per_seed"]] == [0, 1, 2]
+        for name in ("gen_ppl", "entropy"):
+            per_seed = []
+            for seed in (0, 1, 2):  # each seed's own run dir and its metrics record
+                run_dir = out / setting["name"] / f"seed_{seed}"
+                assert records.read_run_json(run_dir)["seed"] == seed
+                (record,) = records.read_metrics(run_dir)
+                per_seed.append(record["values"]["ppl" if name == "gen_ppl" else "entropy"])
+            entry = row["metrics"][name]
+            assert entry["per_seed"] == per_seed
+            assert [s["metrics"][name] for s in row["per_seed"]] == per_seed
+            mean = sum(per_seed) / 3
+            stderr = math.sqrt(sum((v - mean) ** 2 for v in per_seed) / 2) / math.sqrt(3)
+            assert entry["value"] == pytest.approx(mean, rel=1e-12)
+            assert entry["stderr"] == pytest.approx(stderr, rel=1e-12)
+            assert len(set(per_seed)) == 3  # the seeds really differ
+    first = summary["rows"][0]["metrics"]["gen_ppl"]
+    table = " ".join(result.stderr.split())
+    assert f"{first['value']:.2f} ± {first['stderr']:.2f} (paper 24.1)" in table
+
+
+def test_a_killed_evaluation_reuses_finished_samples_and_refuses_other_settings(
+    tmp_path, unconditional, scorer_dir, monkeypatch
+):
+    from elfctl.model import ELF
+
+    out = tmp_path / "eval"
+    first = run_eval(unconditional, scorer_dir, out, "--seeds", "0,1", "--json")
+    assert first.exit_code == 0, first.output
+    (out / "eval.json").unlink()  # killed while scoring: samples finished, no summary
+    samples = {p: p.read_bytes() for p in out.rglob("samples.jsonl")}
+    calls = []
+    forward = ELF.forward
+    monkeypatch.setattr(ELF, "forward", lambda m, *a, **k: calls.append(1) or forward(m, *a, **k))
+    again = run_eval(unconditional, scorer_dir, out, "--seeds", "0,1", "--json")
+    assert again.exit_code == 0, again.output
+    assert calls == [] and "reusing the finished samples" in again.stderr
+    rows = [r["metrics"]["gen_ppl"]["value"] for r in json.loads(again.stdout)["rows"]]
+    assert rows == [r["metrics"]["gen_ppl"]["value"] for r in json.loads(first.stdout)["rows"]]
+
+    (out / "eval.json").unlink()
+    other = run_eval(unconditional, scorer_dir, out, "--seeds", "0,1", "--grid", "per-batch")
+    assert other.exit_code == 2 and "Traceback" not in other.output
+    *_, error = other.stderr.strip().splitlines()  # after the "evaluating ..." line
+    assert error.startswith("error:") and "already holds samples of other settings" in error
+    assert {p: p.read_bytes() for p in out.rglob("samples.jsonl")} == samples
+
+
+@pytest.mark.parametrize(
+    "seeds, message",
+    [
+        ("0,1,1", "--seeds names seed 1 twice."),
+        ("0,x", "--seeds must be distinct non-negative integers separated by commas, got '0,x'."),
+        ("", "--seeds must be distinct non-negative integers"),
+        ("1,-2", "--seeds must be distinct non-negative integers"),
+    ],
+)
+def test_bad_seeds_exit_2_with_one_sentence_before_anything_is_written(
+    tmp_path, unconditional, scorer_dir, seeds, message
+):
+    result = run_eval(unconditional, scorer_dir, tmp_path / "o", "--seeds", seeds)
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+    both = run_eval(unconditional, scorer_dir, tmp_path / "o", "--seeds", "0,1", "--seed", 3)
+    assert both.exit_code == 2 and "--seed or --seeds, not both" in both.stderr
+
+
+def test_seed_statistics_of_a_conditional_preset_are_bleu_per_seed(tmp_path, conditional):
+    ckpt, config_file, pairs = conditional
+    out = tmp_path / "eval"
+    args = ["eval", "--config", config_file, "--repo", ckpt, "--out", out, "--cpu", "--json"]
+    result = invoke(*args, "--setting", "ode-cfg2", "--seeds", "3,4")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["rows"]
+    bleu = row["metrics"]["bleu"]
+    per_seed = []
+    for seed in (3, 4):
+        scored = invoke("score-bleu", out / "ode-cfg2" / f"seed_{seed}", "--json")
+        per_seed.append(json.loads(scored.stdout)[0]["values"]["bleu"])
+    assert bleu["per_seed"] == per_seed
+    assert bleu["value"] == pytest.approx(sum(per_seed) / 2)
+    assert bleu["stderr"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2)
+    assert bleu["paper_validation"] == 26.7

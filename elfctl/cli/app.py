@@ -72,5 +72,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def quiet_unless_main(procs) -> None:
+    """Under several processes only the main one prints (`distributed.Processes`)."""
+    if not procs.is_main:
+        console.quiet = out.quiet = True
+
+
 def is_terminal() -> bool:
     return sys.stderr.isatty()

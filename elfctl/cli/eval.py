@@ -36,6 +36,9 @@ EVAL_HELP = (
         "  elfctl eval --preset owt-m --repo embedded-language-flows/ELF-M-owt-torch "
         "--setting sde-64\n\n"
         "  elfctl eval --preset de-en-b --repo embedded-language-flows/ELF-B-de-en-torch --json\n\n"
+        "  elfctl eval --preset owt-b --repo embedded-language-flows/ELF-B-owt-torch "
+        "--setting sde-32 --seeds 0,1,2,3,4,5\n\n"
+        "  accelerate launch --num_processes 8 -m elfctl eval --preset owt-b --repo ...\n\n"
         "  elfctl eval --config my-run.yaml --repo runs/my-run --out outputs/eval-my-run"
     ),
 )
@@ -55,6 +58,19 @@ def eval_command(
         None, "--num-samples", min=1, help="Samples per setting (default: the setting's own)."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed, the same for every setting."),
+    seeds: str = typer.Option(
+        None,
+        "--seeds",
+        help=(
+            "Comma-separated seeds, e.g. 0,1,2,3,4,5: every setting is sampled and scored once "
+            "per seed, and reported as mean +- standard error (per seed with --json)."
+        ),
+    ),
+    grid: str = typer.Option(
+        "per-sample",
+        "--grid",
+        help="per-sample time grids (default) or per-batch (the official port's).",
+    ),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Samples per forward."),
     out_dir: Path = typer.Option(
         None, "--out", help="Evaluation dir (default outputs/eval-<preset>-<time>)."
@@ -98,21 +114,29 @@ def eval_command(
     ),
 ) -> None:
     """Paper-table rows for a preset (help text: EVAL_HELP)."""
-    from accelerate import PartialState
-
     from .. import evaluate
+    from ..distributed import processes
+    from ..streams import GRIDS
+    from .app import quiet_unless_main
     from .progress import progress
 
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
+    if grid not in GRIDS:
+        raise UserError(f"--grid must be per-sample or per-batch, got '{grid}'.")
+    if seeds is not None and seed != 0:
+        raise UserError("Pass --seed or --seeds, not both.")
+    seed_list = evaluate.parse_seeds(seeds) if seeds is not None else None
     config = evaluate.resolve_eval_config(preset, config_file)
     chosen = evaluate.select_settings(config, settings)
     kinds = evaluate.parse_metrics(metrics) if metrics is not None else None
     reference_texts = _references(kinds, references, reference_field, num_references)
     out_dir = out_dir or evaluate.default_out_dir(config)
-    evaluate.check_out_dir(out_dir, chosen, force)
+    evaluate.check_out_dir(out_dir, chosen, force, seed_list)
 
-    device = PartialState(cpu=cpu).device
+    procs = processes(cpu)
+    quiet_unless_main(procs)
+    device = procs.device
     request = evaluate.EvalRequest(
         source=repo,
         config=config,
@@ -128,6 +152,9 @@ def eval_command(
         force=force,
         scorer=scorer,
         metrics=kinds,
+        seeds=seed_list,
+        grid=grid,
+        procs=procs,
     )
     console.print(
         f"evaluating {repo} with preset {config.name}: {', '.join(s.name for s in chosen)} "
@@ -140,13 +167,15 @@ def eval_command(
             scorer,
             score_batch_size,
             cpu,
+            procs.is_main,
             references=(references, reference_texts),
             mauve_model=mauve_model or scorer,
         ),
         progress=progress,
         log=lambda message: console.print(message, highlight=False),
     )
-    _report(summary, json_out)
+    if procs.is_main:
+        _report(summary, json_out)
 
 
 def _references(kinds, references, field, limit):
@@ -165,8 +194,11 @@ def _references(kinds, references, field, limit):
     return load_references(references, field, None, limit)
 
 
-def _scorer(model: str, batch_size: int, cpu: bool, references=(None, None), mauve_model=None):
-    """The functions behind the score-* commands, so eval's numbers are theirs."""
+def _scorer(
+    model: str, batch_size: int, cpu: bool, write: bool, references=(None, None), mauve_model=None
+):
+    """The functions behind the score-* commands, so eval's numbers are theirs. Cheap
+    scorers run on every process and only the main one writes (`write`)."""
     from ..diversity import DEFAULT_SEED, DEFAULT_SELF_BLEU_SAMPLES
     from ..scoring import DEFAULT_MAX_LENGTH
     from .score import score_bleu_files, score_ppl_files, score_rouge_files
@@ -179,10 +211,10 @@ def _scorer(model: str, batch_size: int, cpu: bool, references=(None, None), mau
             return score_ppl_files(
                 inputs, model, batch_size=batch_size, max_length=DEFAULT_MAX_LENGTH, cpu=cpu
             )
-        if kind == "bleu":
-            return score_bleu_files(inputs)
+        if kind == "bleu":  # cheap: every process scores, the main one writes
+            return score_bleu_files(inputs, write=write)
         if kind == "rouge":
-            return score_rouge_files(inputs)
+            return score_rouge_files(inputs, write=write)
         if kind == "mauve":
             return score_mauve_files(
                 inputs,
@@ -191,6 +223,7 @@ def _scorer(model: str, batch_size: int, cpu: bool, references=(None, None), mau
                 references_name=references_name,
                 batch_size=batch_size,
                 cpu=cpu,
+                write=write,
             )
         if kind == "diversity":
             return score_diversity_files(
@@ -199,6 +232,7 @@ def _scorer(model: str, batch_size: int, cpu: bool, references=(None, None), mau
                 max_length=DEFAULT_MAX_LENGTH,
                 self_bleu_samples=DEFAULT_SELF_BLEU_SAMPLES,
                 seed=DEFAULT_SEED,
+                write=write,
             )
         raise ValueError(f"unknown scorer kind {kind!r}")
 
@@ -209,9 +243,12 @@ def _scorer(model: str, batch_size: int, cpu: bool, references=(None, None), mau
 
 
 def metric_cell(entry: dict[str, Any]) -> str:
-    """'25.30 (paper 24.1)'; with a validation number '26.10 (paper 26.7 val, 26.4 test)'."""
-    value = entry["value"]
+    """'25.30 (paper 24.1)'; with a validation number '26.10 (paper 26.7 val, 26.4 test)';
+    over seeds '25.30 ± 0.16 (paper 24.1)' (mean ± standard error)."""
+    value, stderr = entry["value"], entry.get("stderr")
     ours = "-" if value is None or not math.isfinite(value) else f"{value:.2f}"
+    if stderr is not None and ours != "-":
+        ours = f"{ours} ± {stderr:.2f}"
     paper, validation = entry["paper"], entry["paper_validation"]
     if validation is not None and paper is not None:
         return f"{ours} (paper {validation:g} val, {paper:g} test)"
@@ -236,6 +273,8 @@ def _report(summary: dict[str, Any], json_out: bool) -> None:
         table.add_column(header, justify="right" if header == "n" else "left")
     for name in names:
         table.add_column(METRICS[name].label, justify="right")
+    if any(row.get("seeds") for row in rows):
+        table.add_column("seeds", justify="right")
     table.add_column("wall s", justify="right")
     table.add_column("samples/s", justify="right")
     for row in rows:
@@ -246,6 +285,7 @@ def _report(summary: dict[str, Any], json_out: bool) -> None:
             sampler,
             str(row["n"]),
             *[metric_cell(row["metrics"][n]) if n in row["metrics"] else "-" for n in names],
+            *([str(len(row.get("seeds") or [1]))] if any(r.get("seeds") for r in rows) else []),
             f"{row['wall_seconds']:.1f}",
             f"{row['samples_per_s']:.2f}",
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UserError
-from .app import app, console, handle_errors, out
+from .app import app, console, handle_errors, out, quiet_unless_main
 from .progress import progress
 
 
@@ -47,7 +47,26 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same device: same text)."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer hub id or local folder."),
     out_dir: Path = typer.Option(None, "--out", help="Output directory (default outputs/...)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing sample run."),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite an existing sample run (or start an unfinished one over)."
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help=(
+            "Continue the unfinished run in --out from its last finished batch (also done "
+            "automatically when --out holds one of the same settings); an error if none."
+        ),
+    ),
+    grid: str = typer.Option(
+        "per-sample",
+        "--grid",
+        help=(
+            "per-sample: each sample its own time grid (keyed by seed and sample id); "
+            "per-batch: one grid per batch, as the official port (samples then depend on "
+            "--batch-size)."
+        ),
+    ),
     precision: str = typer.Option(
         "auto",
         "--precision",
@@ -90,10 +109,10 @@ def sample(
     """
     import dataclasses
 
-    from accelerate import PartialState
-
     from ..config import sampling_setting
+    from ..distributed import processes
     from ..runs import SampleJob, load_for_sampling
+    from ..streams import GRIDS
 
     if sampler is not None and sampler not in ("ode", "sde"):
         raise UserError(f"--sampler must be ode or sde, got '{sampler}'.")
@@ -101,6 +120,10 @@ def sample(
         raise UserError(f"--time-schedule must be uniform or logit_normal, got '{time_schedule}'.")
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
+    if grid not in GRIDS:
+        raise UserError(f"--grid must be per-sample or per-batch, got '{grid}'.")
+    if resume and force:
+        raise UserError("--resume continues a run and --force starts it over: pass one of them.")
     if input is not None and length is not None:
         raise UserError(
             "--length does not apply with --input: conditional samples use the model's "
@@ -113,8 +136,11 @@ def sample(
 
         check_input_exists(input)  # before the model, tokenizer and encoder load
 
-    device = PartialState(cpu=cpu).device
-    loaded = load_for_sampling(repo, preset, tokenizer, device, with_encoder=input is not None)
+    procs = processes(cpu)
+    quiet_unless_main(procs)
+    loaded = load_for_sampling(
+        repo, preset, tokenizer, procs.device, with_encoder=input is not None
+    )
     base = sampling_setting(loaded.config, setting)
     chosen = dataclasses.replace(
         base,
@@ -147,6 +173,8 @@ def sample(
             precision=precision,
             compile=compile,
             json_out=json_out,
+            grid=grid,
+            run_options=(procs, "never" if force else "must" if resume else "auto"),
         )
         return
     n = num_samples or chosen.num_samples
@@ -158,8 +186,18 @@ def sample(
         batch_size=min(batch_size or chosen.batch_size, n),
         precision=precision,
         compile=compile,
+        grid=grid,
     )
-    _run(job, loaded, out_dir, f"{n} x {job.length} tokens from {repo}", json_out)
+    what = f"{n} x {job.length} tokens from {repo}"
+    _run(
+        job,
+        loaded,
+        out_dir,
+        what,
+        json_out,
+        procs,
+        "never" if force else "must" if resume else "auto",
+    )
 
 
 def _sample_from_sources(
@@ -178,6 +216,8 @@ def _sample_from_sources(
     precision: str,
     compile: bool,
     json_out: bool,
+    grid: str,
+    run_options: tuple,
 ) -> None:
     from ..conditions import count_truncated, read_source_rows
     from ..runs import SampleJob
@@ -196,6 +236,7 @@ def _sample_from_sources(
         batch_size=min(batch_size or chosen.batch_size, n),
         precision=precision,
         compile=compile,
+        grid=grid,
         conditions=sources,
         references=references if any(r is not None for r in references) else None,
         condition_ids=rows.token_ids,
@@ -212,22 +253,31 @@ def _sample_from_sources(
         f"{n} outputs of up to {data.max_length - data.max_input_length} tokens "
         f"conditioned on {input} from {repo}"
     )
-    _run(job, loaded, out_dir, what, json_out)
+    _run(job, loaded, out_dir, what, json_out, *run_options)
 
 
-def _run(job, loaded, out_dir: Path, what: str, json_out: bool) -> None:
+def _run(job, loaded, out_dir: Path, what: str, json_out: bool, procs, resume: str) -> None:
     """Say what is sampled and how, sample with a progress bar, summarise."""
+    plan = job.plan(loaded, out_dir, resume)  # checks an unfinished run before any output
     s = job.setting
     gamma = f", gamma {s.gamma}" if s.method == "sde" else ""
+    where = f"{procs.world} processes on {procs.device.type}" if procs.world > 1 else procs.device
     console.print(
         f"sampling {what} ({s.method.upper()}, {s.steps} steps{gamma}, SC-CFG {s.sc_cfg}, "
-        f"CFG {s.cfg}, {s.time_schedule} grid) on {next(loaded.model.parameters()).device}, "
+        f"CFG {s.cfg}, {s.time_schedule} grid {job.grid}) on {where}, "
         f"precision {job.precision_for(loaded).describe()}",
         highlight=False,
     )
-    with progress("sampling", job.num_samples, "samples") as advance:
-        info = job.run(loaded, out_dir, on_batch=advance)
-    _summarise(out_dir, info, json_out)
+    if plan.done:
+        console.print(
+            f"resuming the unfinished run in {out_dir}: {plan.done} of {job.num_samples} "
+            "samples already done",
+            highlight=False,
+        )
+    with progress("sampling", plan.pending_samples, "samples") as advance:
+        info = job.run(loaded, out_dir, on_batch=advance, procs=procs, plan=plan, resume=resume)
+    if procs.is_main:
+        _summarise(out_dir, info, json_out)
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:

@@ -167,17 +167,20 @@ def score_ppl_files(
 
     Returns the records (plus one for all files together if `combined`).
     """
-    from accelerate import PartialState
-
     from .. import scoring
+    from ..distributed import processes
+    from .app import quiet_unless_main
 
-    device = PartialState(cpu=cpu).device
+    procs = processes(cpu)  # under accelerate launch, each process scores a share
+    quiet_unless_main(procs)
+    device = procs.device
     dtype = "bf16-autocast" if device.type == "cuda" else "fp32"
     console.print(f"loading scorer {model_name} on {device} ({dtype})", highlight=False)
     model, tokenizer = scoring.load_scorer(model_name, device)
     settings = {"max_length": max_length, "batch_size": batch_size, "device": str(device)}
     settings["dtype"] = dtype
     settings["eos_mode"] = eos_mode
+    settings["processes"] = procs.world
 
     results, out_records = [], []
     for path, rows in inputs:
@@ -198,6 +201,7 @@ def score_ppl_files(
                 max_length=max_length,
                 eos_mode=eos_mode,
                 on_batch=on_batch,
+                procs=procs,
             )
             if done < len(texts):  # empty samples are counted, not batched
                 advance(len(texts) - done)
@@ -205,7 +209,7 @@ def score_ppl_files(
         record = records.metrics_record(
             path.resolve(), "gen_ppl", result.to_dict(), scorer=model_name, n=len(rows), **settings
         )
-        if write:
+        if write and procs.is_main:
             records.append_metrics(path.parent, record)
         out_records.append(record)
 
@@ -281,7 +285,10 @@ def score_ppl_command(
         ("entropy", "entropy"),
         ("samples/s", "samples_per_s"),
     ]
-    report(result_records, f"Gen PPL ({model})", columns, json_out)
+    from ..distributed import processes
+
+    if processes(cpu).is_main:  # under accelerate launch every process has the result
+        report(result_records, f"Gen PPL ({model})", columns, json_out)
 
 
 # ----------------------------------------------------------------------------- BLEU / ROUGE

@@ -44,6 +44,8 @@ RESUMABLE_CHANGES = {
     "train.sample_count",
     "train.epochs",
     "train.compile",
+    "data.num_proc",  # how the rows are prepared, not what they are
+    "data.cache_dir",
     "description",
 }
 
@@ -124,8 +126,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 class Trainer:
     """Holds the pieces of a run; `fit` runs the loop. Only the main process writes."""
 
-    def __init__(self, cfg: Config, run_dir: Path, accelerator, resume: str = "auto"):
-        from .data import Collator, EpochShuffler, load_rows
+    def __init__(
+        self, cfg: Config, run_dir: Path, accelerator, resume: str = "auto", data_progress=None
+    ):
+        from .data import Collator, EpochShuffler
         from .encoder import load_encoder, load_tokenizer
         from .optim import (
             EMA,
@@ -152,7 +156,7 @@ class Trainer:
                 f"model.latent_dim is {cfg.model.latent_dim} but the encoder "
                 f"'{cfg.encoder.encoder}' has width {self.encoder.width}."
             )
-        self.rows = load_rows(cfg.data.train, cfg.data, self.tokenizer, cfg.data.split)
+        self.rows, self.prepared = self._load_rows(data_progress)
         self.collate = Collator.for_tokenizer(cfg.data, self.tokenizer)
         n_rows = len(self.rows)
         if n_rows < cfg.train.global_batch:
@@ -182,6 +186,23 @@ class Trainer:
         self.generator.manual_seed(cfg.train.seed * 1000 + 17 + accelerator.process_index)
         if self.resume_from is not None:
             self._load(self.resume_from)
+
+    def _load_rows(self, data_progress=None):
+        """(rows, pipeline.PreparedRows or None). Raw text and packed rows are built once,
+        by the main process; the others wait, then read its cache (they never tokenize)."""
+        from .data import load_source
+
+        data, acc = self.cfg.data, self.acc
+        with acc.main_process_first():
+            loaded = load_source(
+                data.train,
+                data,
+                self.tokenizer,
+                data.split,
+                may_build=acc.is_main_process,
+                on_progress=data_progress if acc.is_main_process else None,
+            )
+        return loaded.rows, loaded.prepared
 
     def initial_model(self):
         """The network before the first step (subclasses warm-start from other weights)."""

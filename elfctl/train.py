@@ -143,6 +143,7 @@ class Trainer:
         self.device = accelerator.device
         self.micro, self.accum = plan_batches(cfg, accelerator.num_processes)
 
+        self._check_data_settings()  # before anything heavy is loaded
         self.resume_from = prepare_run_dir(self.run_dir, cfg, resume)
         self.tokenizer = load_tokenizer(cfg.encoder.tokenizer)
         if len(self.tokenizer) != cfg.model.vocab_size:
@@ -156,19 +157,27 @@ class Trainer:
                 f"model.latent_dim is {cfg.model.latent_dim} but the encoder "
                 f"'{cfg.encoder.encoder}' has width {self.encoder.width}."
             )
-        self.rows, self.prepared = self._load_rows(data_progress)
         self.collate = Collator.for_tokenizer(cfg.data, self.tokenizer)
-        n_rows = len(self.rows)
-        if n_rows < cfg.train.global_batch:
-            raise UserError(
-                f"The training data has {n_rows} rows, fewer than one global batch "
-                f"({cfg.train.global_batch})."
+        self.stream = None  # streaming.RowStream when data.streaming
+        if cfg.data.streaming:
+            self.rows, self.prepared, self.stream = None, None, self._open_stream()
+            self.steps_per_epoch = None  # a stream's length is not known
+            self.total_steps = cfg.train.max_steps
+        else:
+            self.rows, self.prepared = self._load_rows(data_progress)
+            n_rows = len(self.rows)
+            if n_rows < cfg.train.global_batch:
+                raise UserError(
+                    f"The training data has {n_rows} rows, fewer than one global batch "
+                    f"({cfg.train.global_batch})."
+                )
+            self.shuffler = EpochShuffler(
+                n_rows, cfg.train.seed, accelerator.process_index, accelerator.num_processes
             )
-        self.shuffler = EpochShuffler(
-            n_rows, cfg.train.seed, accelerator.process_index, accelerator.num_processes
-        )
-        self.steps_per_epoch = n_rows // cfg.train.global_batch
-        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
+            self.steps_per_epoch = n_rows // cfg.train.global_batch
+            self.total_steps = cfg.train.max_steps or math.ceil(
+                cfg.train.epochs * self.steps_per_epoch
+            )
 
         model = self.initial_model().to(self.device)
         self.ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
@@ -204,6 +213,37 @@ class Trainer:
             )
         return loaded.rows, loaded.prepared
 
+    def _check_data_settings(self) -> None:
+        from .pipeline import check_data_settings
+
+        cfg = self.cfg
+        check_data_settings(cfg.data)
+        if not cfg.data.streaming:
+            return
+        if cfg.train.max_steps is None:
+            raise UserError("data.streaming needs train.max_steps: a stream's length is unknown.")
+        if cfg.optim.warmup_epochs is not None and cfg.optim.warmup_steps is None:
+            raise UserError("data.streaming needs optim.warmup_steps, not optim.warmup_epochs.")
+
+    def _open_stream(self):
+        """This process's streamed rows (data.streaming); the run's length must be given."""
+        from .streaming import RowStream
+
+        cfg, acc = self.cfg, self.acc
+        return RowStream(
+            cfg.data.train,
+            cfg.data,
+            self.tokenizer,
+            cfg.data.split,
+            acc.process_index,
+            acc.num_processes,
+        )
+
+    def _epoch(self) -> float:
+        if self.stream is not None:
+            return self.stream.epoch  # passes over this process's stream
+        return self.step / self.steps_per_epoch
+
     def initial_model(self):
         """The network before the first step (subclasses warm-start from other weights)."""
         from .model import ELF
@@ -215,11 +255,16 @@ class Trainer:
 
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
         batches = []
-        stream = self.shuffler.batches(self.micro, self.epoch, self.position)
+        if self.stream is None:
+            stream = self.shuffler.batches(self.micro, self.epoch, self.position)
         for _ in range(self.accum):
-            indices, self.epoch, self.position = next(stream)
-            columns = self.rows[indices]  # {column: [value per row]}
-            as_rows = [{name: columns[name][i] for name in columns} for i in range(len(indices))]
+            if self.stream is not None:
+                as_rows = self.stream.take(self.micro)
+            else:
+                indices, self.epoch, self.position = next(stream)
+                columns = self.rows[indices]  # {column: [value per row]}
+                n = len(indices)
+                as_rows = [{name: columns[name][i] for name in columns} for i in range(n)]
             batch = self.collate(as_rows)
             batches.append({k: v.to(self.device) for k, v in batch.items()})
         return batches
@@ -327,7 +372,7 @@ class Trainer:
         ce_sum, l2_sum, ce_tok, l2_tok = totals.tolist()
         return {
             "step": self.step,
-            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "epoch": round(self._epoch(), 4),
             "loss": (ce_sum + l2_sum) / max(ce_tok + l2_tok, 1),
             "l2": l2_sum / max(l2_tok, 1),
             "ce": ce_sum / max(ce_tok, 1),
@@ -354,6 +399,9 @@ class Trainer:
             {"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
             staging / f"rng_rank{rank}.pt",
         )
+        if self.stream is not None:  # each process's own position in the stream
+            state = json.dumps(self.stream.state_dict())
+            records.atomic_write_text(staging / f"stream_rank{rank}.json", state)
         acc.wait_for_everyone()
         target = self.run_dir / "checkpoints" / name
         if acc.is_main_process:
@@ -369,7 +417,7 @@ class Trainer:
                 self.ema.averaged_state_dict(self.raw_model),
                 self.cfg,
                 self.step,
-                extra_meta={"epoch": self.step / self.steps_per_epoch, "data": meta},
+                extra_meta={"epoch": self._epoch(), "data": meta},
                 extra_files={"training_state": staging},
             )
             self._apply_retention()
@@ -408,6 +456,9 @@ class Trainer:
                 "warmup": self.ema.warmup,
             }
         )
+        if self.stream is not None:
+            rank = self.acc.process_index
+            self.stream.load_state_dict(json.loads((state / f"stream_rank{rank}.json").read_text()))
         rng = torch.load(state / f"rng_rank{self.acc.process_index}.pt", weights_only=True)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])

@@ -12,15 +12,18 @@ Rows are the stream's `input_ids` (and `condition_input_ids`) when it has them, 
 text fields (`data.text_field`, or `data.source_field` / `data.target_field`) tokenized
 here without special tokens. With `data.packing`, documents are joined and cut exactly
 as `pipeline.packed_stream` does for cached rows. At the end of the stream the next
-epoch starts it again from the beginning, in the same order.
+epoch reads it again (`set_epoch`), in the order datasets gives that epoch (a function
+of the epoch only).
 
-Before training, `check_exact_resume` reads a few examples, restores a saved position
-in a fresh copy of the stream and compares what follows: a source that `datasets`
-cannot resume exactly is refused with a clear error instead of resuming inexactly.
+Before training, `check_exact_resume` saves the position after 3 and after 300
+examples, restores each in a fresh copy of the stream and compares the examples that
+follow: a source that `datasets` cannot resume exactly is refused with a clear error
+instead of resuming inexactly.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,7 +32,8 @@ from .errors import UserError
 if TYPE_CHECKING:
     from .config import DataConfig
 
-PROBE_EXAMPLES = 3  # read, saved, then compared after restoring
+PROBE_OFFSETS = (3, 300)  # positions saved, restored in a fresh stream, and compared
+PROBE_EXAMPLES = 3  # examples compared after each restored position
 
 
 def open_stream(source: str, cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1):
@@ -74,22 +78,28 @@ def check_stream_columns(first: dict, source: str, cfg: DataConfig) -> None:
 
 
 def check_exact_resume(make_stream: Callable[[], object], source: str) -> None:
-    """Refuse a stream whose restored position does not continue with the same examples."""
-    stream = make_stream()
-    examples = iter(stream)
-    _take(examples, PROBE_EXAMPLES)
-    try:
-        state = stream.state_dict()
-    except (NotImplementedError, RuntimeError) as e:
-        raise UserError(_inexact_message(source, str(e))) from None
-    expected = _take(examples, PROBE_EXAMPLES)
-    restored = make_stream()
-    try:
-        restored.load_state_dict(state)
-    except (NotImplementedError, RuntimeError, KeyError, ValueError) as e:
-        raise UserError(_inexact_message(source, str(e))) from None
-    if _take(iter(restored), PROBE_EXAMPLES) != expected:
-        raise UserError(_inexact_message(source, "a restored position gives other examples"))
+    """Refuse a stream whose restored position does not continue with the same examples.
+
+    Probed at a few positions, near the start and past datasets' first internal chunks
+    (a shuffle buffer, for one, is restored exactly only inside the first chunk).
+    """
+    for offset in PROBE_OFFSETS:
+        stream = make_stream()
+        examples = iter(stream)
+        if len(_take(examples, offset)) < offset:
+            return  # a stream this short was probed at every position it has
+        try:
+            state = stream.state_dict()
+        except (NotImplementedError, RuntimeError) as e:
+            raise UserError(_inexact_message(source, str(e))) from None
+        expected = _take(examples, PROBE_EXAMPLES)
+        restored = make_stream()
+        try:
+            restored.load_state_dict(state)
+        except (NotImplementedError, RuntimeError, KeyError, ValueError) as e:
+            raise UserError(_inexact_message(source, str(e))) from None
+        if _take(iter(restored), PROBE_EXAMPLES) != expected:
+            raise UserError(_inexact_message(source, "a restored position gives other examples"))
 
 
 def _inexact_message(source: str, why: str) -> str:
@@ -125,7 +135,6 @@ class RowStream:
         check_stream_columns(first[0], source, cfg)
         check_exact_resume(lambda: open_stream(source, cfg, split, rank, world), source)
         self.stream = open_stream(source, cfg, split, rank, world)
-        self.start_state = self.stream.state_dict()  # the beginning, for the next epoch
         self.epoch = 0
         self.carry: list[int] = []  # packed tokens not yet in a row
         self.started = False  # whether the first document has been read (eos separators)
@@ -140,9 +149,9 @@ class RowStream:
             try:
                 return next(self._examples)
             except StopIteration:
-                # the next epoch: the same order again from the start
+                # the next epoch, from its start (datasets applies a loaded position only
+                # within the epoch it was saved in)
                 self.epoch += 1
-                self.stream.load_state_dict({**self.start_state, "epoch": self.epoch})
                 self.stream.set_epoch(self.epoch)
                 self._examples = None
 
@@ -193,5 +202,6 @@ class RowStream:
         self.epoch = state["epoch"]
         self.carry = list(state["carry"])
         self.started = state["started"]
-        self.stream.load_state_dict(state["stream"])
+        self.stream.load_state_dict(copy.deepcopy(state["stream"]))
+        self.stream.set_epoch(state["stream"]["epoch"])  # where that position applies
         self._examples = None

@@ -128,9 +128,7 @@ def test_changing_the_tokenizer_invalidates_the_cache(tmp_path, tokenizer):
     assert _rebuilds(str(corpus), DataConfig(), tokenizer)
     other = build_word_tokenizer(tmp_path / "other", words=list(reversed(WORDS)))
     assert _rebuilds(str(corpus), DataConfig(), other)
-    assert load_rows(str(corpus), DataConfig(), other)["input_ids"] == slow_documents(
-        corpus, other
-    )
+    assert load_rows(str(corpus), DataConfig(), other)["input_ids"] == slow_documents(corpus, other)
 
 
 def test_changing_max_length_invalidates_packed_rows_but_not_unpacked_ones(tmp_path, tokenizer):

@@ -379,8 +379,13 @@ def _tokenize_batch(batch, tokenizer, strip: bool, conditional: bool) -> dict:
 
 
 def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`; for a fast tokenizer
+    straight from its Rust backend without offsets (the same ids, several times faster)."""
     if not texts:
         return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 

@@ -41,10 +41,12 @@ def tokenizer(tmp_path):
 
 
 class CountingTokenizer:
-    """The real tokenizer, counting its calls (the cache must make them zero)."""
+    """The real tokenizer, counting the calls that tokenize (the cache must make them zero):
+    its own `__call__` and its Rust backend's batch encoders."""
 
     def __init__(self, tokenizer):
         self.inner, self.calls = tokenizer, 0
+        self.backend_tokenizer = _CountingBackend(tokenizer.backend_tokenizer, self)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -52,6 +54,22 @@ class CountingTokenizer:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+class _CountingBackend:
+    def __init__(self, backend, owner):
+        self.backend, self.owner = backend, owner
+
+    def __getattr__(self, name):
+        attr = getattr(self.backend, name)
+        if name.startswith("encode"):
+
+            def counted(*args, **kwargs):
+                self.owner.calls += 1
+                return attr(*args, **kwargs)
+
+            return counted
+        return attr
 
 
 def write_corpus(folder: Path, files: int = 2, lines: int = 30, seed: int = 0) -> Path:

@@ -418,51 +418,77 @@ def _quiet_datasets():
 # Packing
 
 
-def packed_stream(batches: Iterator, max_length: int, eos_id: int) -> Iterator:
-    """Rows of exactly max_length tokens (the last: the rest) from batches of documents.
+class Packer:
+    """The packing rule, incrementally: documents in, whole rows out, the rest carried.
 
-    `batches` yields pyarrow list arrays of token ids, in corpus order. Documents are
-    joined with one eos between consecutive documents; the remainder of each batch
-    carries into the next, so the cut does not depend on the batching.
+    `carry` (tokens not yet in a row) and `started` (whether a document came before, so
+    the next one is preceded by eos) are the whole state: restoring them continues the
+    same cut, which is what a resumed stream needs.
     """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
-    carry = np.empty(0, dtype=np.int32)
-    first = True
-    for docs in batches:
+    def __init__(self, max_length: int, eos_id: int, carry=(), started: bool = False):
+        import numpy as np
+
+        self.max_length, self.eos_id = max_length, eos_id
+        self.carry = np.asarray(carry, dtype=np.int32)
+        self.started = started
+
+    def add(self, docs):
+        """Rows (k, max_length) completed by `docs`, a pyarrow list array of token ids."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         if isinstance(docs, pa.ChunkedArray):
             docs = docs.combine_chunks()
         if len(docs) == 0:
-            continue
+            return np.empty((0, self.max_length), dtype=np.int32)
         lengths = pc.list_value_length(docs).to_numpy(zero_copy_only=False)
         values = docs.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        if first:
-            starts, first = starts[1:], False  # nothing before the corpus' first document
-        stream = np.concatenate([carry, np.insert(values, starts, eos_id)])
-        whole = len(stream) // max_length * max_length
-        yield from stream[:whole].reshape(-1, max_length)
-        carry = stream[whole:]
-    if len(carry):
-        yield carry
+        if not self.started:
+            starts, self.started = starts[1:], True  # nothing before the first document
+        stream = np.concatenate([self.carry, np.insert(values, starts, self.eos_id)])
+        whole = len(stream) // self.max_length * self.max_length
+        self.carry = stream[whole:]
+        return stream[:whole].reshape(-1, self.max_length)
+
+
+def packed_stream(batches: Iterator, max_length: int, eos_id: int) -> Iterator:
+    """Blocks of rows (pyarrow list arrays) of exactly max_length tokens; the last row of
+    the last block holds the rest. `batches` yields pyarrow list arrays of token ids, in
+    corpus order; the tail of each batch carries into the next, so the cut does not
+    depend on the batching.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    packer = Packer(max_length, eos_id)
+    for docs in batches:
+        rows = packer.add(docs)
+        if len(rows):
+            offsets = np.arange(len(rows) + 1, dtype=np.int32) * max_length
+            yield pa.ListArray.from_arrays(offsets, rows.reshape(-1))
+    if len(packer.carry):
+        yield pa.array([packer.carry], pa.list_(pa.int32()))
 
 
 def pack(tokenized, max_length: int, eos_id: int, staging: Path):
-    """A Dataset of packed `input_ids` rows (see the module docstring), built on disk."""
-    from datasets import Dataset, Features, Sequence, Value
+    """A Dataset of packed `input_ids` rows (see the module docstring), written to one
+    Arrow file block by block and memory-mapped back (`Dataset.from_file`)."""
+    import pyarrow as pa
+    from datasets import Dataset
 
     def batches():
         for table in tokenized.select_columns(["input_ids"]).with_format("arrow").iter(4096):
             yield table.column("input_ids")
 
-    def rows():
-        for row in packed_stream(batches(), max_length, eos_id):
-            yield {"input_ids": row}
-
-    features = Features({"input_ids": Sequence(Value("int32"))})
-    return Dataset.from_generator(rows, features=features, cache_dir=str(staging / "packed"))
+    schema = pa.schema([("input_ids", pa.list_(pa.int32()))])
+    path = staging / "packed.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for block in packed_stream(batches(), max_length, eos_id):
+            writer.write_table(pa.Table.from_arrays([block], schema=schema))
+    return Dataset.from_file(str(path))
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ example, so a killed and resumed run sees exactly the rows a straight run sees.
 Rows are the stream's `input_ids` (and `condition_input_ids`) when it has them, else its
 text fields (`data.text_field`, or `data.source_field` / `data.target_field`) tokenized
 here without special tokens. With `data.packing`, documents are joined and cut exactly
-as `pipeline.packed_stream` does for cached rows. At the end of the stream the next
+by `pipeline.Packer`, the rule cached rows are packed by. At the end of the stream the next
 epoch reads it again (`set_epoch`), in the order datasets gives that epoch (a function
 of the epoch only).
 
@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .pipeline import Packer, check_data_settings
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -123,8 +124,6 @@ class RowStream:
     """Training rows from a stream, in order, with an exactly resumable position."""
 
     def __init__(self, source: str, cfg: DataConfig, tokenizer, split: str, rank=0, world=1):
-        from .pipeline import check_data_settings
-
         check_data_settings(cfg)
         self.source, self.cfg, self.tokenizer = source, cfg, tokenizer
         self.eos_id = 1 if tokenizer.eos_token_id is None else tokenizer.eos_token_id
@@ -136,8 +135,8 @@ class RowStream:
         check_exact_resume(lambda: open_stream(source, cfg, split, rank, world), source)
         self.stream = open_stream(source, cfg, split, rank, world)
         self.epoch = 0
-        self.carry: list[int] = []  # packed tokens not yet in a row
-        self.started = False  # whether the first document has been read (eos separators)
+        self.packer = Packer(cfg.max_length, self.eos_id)  # the same rule as cached rows
+        self.pending: list[list[int]] = []  # packed rows made but not yet given out
         self._examples = None
 
     # -- reading --------------------------------------------------------------------------
@@ -175,16 +174,13 @@ class RowStream:
         """The next n rows."""
         if not self.cfg.packing:
             return [self._row_of(self._next_example()) for _ in range(n)]
-        length = self.cfg.max_length
-        rows = []
-        while len(rows) < n:
-            while len(self.carry) < length:
-                doc = self._row_of(self._next_example())["input_ids"]
-                self.carry.extend(([self.eos_id] if self.started else []) + doc)
-                self.started = True
-            rows.append({"input_ids": self.carry[:length]})
-            self.carry = self.carry[length:]
-        return rows
+        import pyarrow as pa
+
+        while len(self.pending) < n:
+            doc = self._row_of(self._next_example())["input_ids"]
+            self.pending += self.packer.add(pa.array([doc], pa.list_(pa.int32()))).tolist()
+        rows, self.pending = self.pending[:n], self.pending[n:]
+        return [{"input_ids": row} for row in rows]
 
     # -- position -------------------------------------------------------------------------
 
@@ -194,14 +190,15 @@ class RowStream:
             "source": self.source,
             "epoch": self.epoch,
             "stream": self.stream.state_dict(),
-            "carry": list(self.carry),
-            "started": self.started,
+            "carry": self.packer.carry.tolist(),
+            "started": self.packer.started,
+            "pending": self.pending,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
-        self.carry = list(state["carry"])
-        self.started = state["started"]
+        self.packer = Packer(self.cfg.max_length, self.eos_id, state["carry"], state["started"])
+        self.pending = [list(row) for row in state["pending"]]
         self.stream.load_state_dict(copy.deepcopy(state["stream"]))
         self.stream.set_epoch(state["stream"]["epoch"])  # where that position applies
         self._examples = None

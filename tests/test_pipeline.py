@@ -223,7 +223,7 @@ def test_packed_stream_does_not_depend_on_how_documents_are_batched(batch):
     rng = random.Random(batch)
     docs = [[rng.randint(3, 20) for _ in range(rng.randint(0, 11))] for _ in range(40)]
     batches = [pa.array(docs[i : i + batch], pa.list_(pa.int32())) for i in range(0, 40, batch)]
-    rows = [r.tolist() for r in packed_stream(iter(batches), 7, EOS)]
+    rows = [row for block in packed_stream(iter(batches), 7, EOS) for row in block.to_pylist()]
     assert rows == slow_pack(docs, 7)
 
 

@@ -255,19 +255,22 @@ class Trainer:
 
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
         batches = []
-        if self.stream is None:
-            stream = self.shuffler.batches(self.micro, self.epoch, self.position)
+        rows = self._row_batches()
         for _ in range(self.accum):
-            if self.stream is not None:
-                as_rows = self.stream.take(self.micro)
-            else:
-                indices, self.epoch, self.position = next(stream)
-                columns = self.rows[indices]  # {column: [value per row]}
-                n = len(indices)
-                as_rows = [{name: columns[name][i] for name in columns} for i in range(n)]
-            batch = self.collate(as_rows)
+            batch = self.collate(next(rows))
             batches.append({k: v.to(self.device) for k, v in batch.items()})
         return batches
+
+    def _row_batches(self):
+        """Micro-batches of rows from where training stands (the position advances)."""
+        if self.stream is not None:
+            while True:
+                yield self.stream.take(self.micro)
+        order = self.shuffler.batches(self.micro, self.epoch, self.position)
+        while True:
+            indices, self.epoch, self.position = next(order)
+            columns = self.rows[indices]  # {column: [value per row]}
+            yield [{name: columns[name][i] for name in columns} for i in range(len(indices))]
 
     def loss_denominator(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """The global number of loss-mask tokens, divided by the processes whose

@@ -359,3 +359,39 @@ def test_two_processes_under_accelerate_launch_tokenize_once(tmp_path):
     entries = list(cache.iterdir())
     assert len(entries) == 1 and (entries[0] / MANIFEST).is_file()
     assert "done: step 2" in output
+
+
+@pytest.mark.slow
+def test_a_killed_run_on_packed_rows_resumes_on_the_same_rows(tmp_path):
+    import signal
+    import time
+
+    from elfctl.checkpoints import list_step_dirs
+    from tests.test_train import assert_same_weights, final_weights, run_cli
+
+    corpus = grammar_corpus(tmp_path / "corpus")
+    cache = tmp_path / "cli-cache"
+
+    def args(run):
+        sets = SMALL + [f"data.train={corpus}", f"data.cache_dir={cache}"]
+        sets += ["train.checkpoint_every=1"]
+        return ["train", "--preset", "tiny", "--run-dir", str(run), "--max-steps", "6", "--cpu"] + [
+            x for s in sets for x in ("--set", s)
+        ]
+
+    proc = run_cli(args(tmp_path / "straight"), tmp_path)
+    assert proc.wait(timeout=600) == 0, proc.stdout.read()
+    killed = tmp_path / "killed"
+    proc = run_cli(args(killed), tmp_path)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list_step_dirs(killed / "checkpoints")) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    survived = list_step_dirs(killed / "checkpoints")
+    assert survived and int(survived[-1].name.split("_")[1]) < 6
+    proc = run_cli(args(killed), tmp_path)
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    assert "resuming from step" in output and "reused from the cache" in output
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(killed))

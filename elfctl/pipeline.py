@@ -266,7 +266,9 @@ def build_rows(files, cfg: DataConfig, tokenizer, staging: Path, on_progress=Non
     """(rows, stats): load, tokenize (and pack) `files`, writing only under `staging`."""
     from datasets import concatenate_datasets
 
-    groups = list(_file_groups(files))
+    groups = list(_file_groups([f for f in files if _has_text(f)]))  # datasets refuses blanks
+    if not groups:
+        raise UserError(f"Data source {source or files[0]} holds no text examples.")
     parts = [_load_part(group, cfg, staging) for group in groups]
     total = sum(len(part) for part in parts)
     pieces, done, tokens = [], 0, 0
@@ -296,6 +298,15 @@ def build_rows(files, cfg: DataConfig, tokenizer, staging: Path, on_progress=Non
     return tokenized, stats
 
 
+def _has_text(file: Path, chunk: int = 2**16) -> bool:
+    """Whether a file holds anything but whitespace (reads only up to the first text)."""
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
 def _file_groups(files: list[Path]) -> Iterator[list[Path]]:
     """Consecutive runs of same-kind files, corpus order kept."""
     group: list[Path] = []
@@ -304,7 +315,8 @@ def _file_groups(files: list[Path]) -> Iterator[list[Path]]:
             yield group
             group = []
         group.append(file)
-    yield group
+    if group:
+        yield group
 
 
 def _load_part(files: list[Path], cfg: DataConfig, staging: Path):
@@ -325,9 +337,9 @@ def _load_part(files: list[Path], cfg: DataConfig, staging: Path):
         locate_bad_row(files, cfg)
         raise UserError(f"Could not read {files[0]}: {e}") from None
     fields = [cfg.source_field, cfg.target_field] if cfg.conditional else [cfg.text_field]
+    names = ["input", "target"] if cfg.conditional else ["target"]
     if any(name not in part.column_names for name in fields):
         locate_bad_row(files, cfg)
-    names = ["input", "target"] if cfg.conditional else ["target"]
     renames = {old: new for old, new in zip(fields, names, strict=True) if old != new}
     return part.select_columns(fields).rename_columns(renames)
 

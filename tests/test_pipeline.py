@@ -374,7 +374,7 @@ def test_a_killed_run_on_packed_rows_resumes_on_the_same_rows(tmp_path):
 
     def args(run):
         sets = SMALL + [f"data.train={corpus}", f"data.cache_dir={cache}"]
-        sets += ["train.checkpoint_every=1"]
+        sets += ["train.checkpoint_every=1", "train.keep_checkpoints=10"]
         return ["train", "--preset", "tiny", "--run-dir", str(run), "--max-steps", "6", "--cpu"] + [
             x for s in sets for x in ("--set", s)
         ]
@@ -395,3 +395,13 @@ def test_a_killed_run_on_packed_rows_resumes_on_the_same_rows(tmp_path):
     assert proc.returncode == 0, output
     assert "resuming from step" in output and "reused from the cache" in output
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(killed))
+
+
+def test_blank_files_give_no_rows_and_a_corpus_of_them_is_a_user_error(tmp_path, tokenizer):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl").write_text("\n\n")
+    (tmp_path / "c" / "b.txt").write_text("the cat\n")
+    assert load_rows(str(tmp_path / "c"), DataConfig(), tokenizer)["target"] == ["the cat"]
+    (tmp_path / "c" / "b.txt").write_text("  \n")
+    with pytest.raises(UserError, match="holds no text examples"):
+        load_rows(str(tmp_path / "c"), DataConfig(), tokenizer)

@@ -8,7 +8,9 @@
    which hits the cache: its time as a share of the first (goal: under 5 %).
 2. Peak RSS of `elfctl train --preset tiny` (the tiny preset's model and tokenizer, packed
    rows, `--steps` steps, num_proc 1) on each corpus, first run (tokenize + train) and
-   second run (cache hit + train), each a fresh process measured with os.wait4. Goal: the
+   second run (cache hit + train), each a fresh process. Two peaks: RSS (os.wait4), which
+   also counts the pages of memory-mapped Arrow files that were read (page cache the
+   kernel can drop), and anonymous memory (RssAnon, sampled), the process's own. Goal: the
    larger corpus adds under 200 MB.
 
 Corpora are the test bed's grammar: one block of distinct generated sentences, written
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 MB = 2**20
+LABELS = ("first run (tokenize + train)", "second run (cache + train)")
 
 
 def write_corpus(path: Path, size_mb: int) -> Path:
@@ -62,20 +65,40 @@ def tokenize_once(corpus: Path, num_proc: int, cache: Path) -> tuple[float, dict
     return first, built.prepared.manifest, second
 
 
-def train_peak_rss(corpus: Path, cache: Path, run_dir: Path, steps: int) -> tuple[float, float]:
-    """(peak RSS in MB, wall seconds) of one `elfctl train` process."""
+def train_peak_rss(corpus: Path, cache: Path, run_dir: Path, steps: int) -> dict:
+    """Peaks of one `elfctl train` process, in MB: `rss` (os.wait4's ru_maxrss: every
+    resident page, including pages of memory-mapped Arrow files, which are page cache the
+    kernel may drop at will) and `anon` (RssAnon sampled every 0.1 s from /proc: the
+    process's own memory); plus wall `seconds`."""
     elfctl = Path(sys.executable).with_name("elfctl")
     command = [str(elfctl), "train", "--preset", "tiny", "--run-dir", str(run_dir), "--cpu"]
     command += ["--max-steps", str(steps), "--set", f"data.train={corpus}"]
     command += ["--set", "data.packing=true", "--set", f"data.cache_dir={cache}"]
     command += ["--set", f"train.checkpoint_every={steps}"]
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    anon = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        anon = max(anon, _status_kb(proc.pid, "RssAnon"))
+        time.sleep(0.1)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"training failed: {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024, seconds  # ru_maxrss is in KiB on Linux
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"training failed with exit code {proc.returncode}: {command}")
+    return {"rss": usage.ru_maxrss / 1024, "anon": anon / 1024, "seconds": seconds}
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def main() -> None:
@@ -107,14 +130,21 @@ def main() -> None:
         peaks = {}
         for size_mb, corpus in ((small_mb, small), (large_mb, large)):
             cache = work / f"cache-train-{size_mb}"
-            for label in ("first run (tokenize + train)", "second run (cache + train)"):
+            for label in LABELS:
                 run = work / f"run-{size_mb}-{len(peaks)}"
-                peak, seconds = train_peak_rss(corpus, cache, run, args.steps)
+                peak = train_peak_rss(corpus, cache, run, args.steps)
                 peaks[(size_mb, label)] = peak
-                print(f"   {size_mb:>4} MB, {label}: {peak:,.0f} MB peak RSS, {seconds:.0f} s")
-        for label in ("first run (tokenize + train)", "second run (cache + train)"):
-            added = peaks[(large_mb, label)] - peaks[(small_mb, label)]
-            print(f"   {large_mb} MB adds {added:+,.0f} MB over {small_mb} MB, {label}")
+                print(
+                    f"   {size_mb:>4} MB, {label}: peak RSS {peak['rss']:,.0f} MB, peak anonymous "
+                    f"{peak['anon']:,.0f} MB, {peak['seconds']:.0f} s"
+                )
+        for label in LABELS:
+            big, small_peak = peaks[(large_mb, label)], peaks[(small_mb, label)]
+            print(
+                f"   {large_mb} MB over {small_mb} MB, {label}: RSS "
+                f"{big['rss'] - small_peak['rss']:+,.0f} MB, anonymous "
+                f"{big['anon'] - small_peak['anon']:+,.0f} MB"
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -368,17 +368,27 @@ class EpochShuffler:
 
     def epoch_indices(self, epoch: int) -> list[int]:
         """This process's row indices for `epoch`, in order."""
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.n_rows, generator=generator)
-        used = len(self) * self.world_size
-        return order[:used][self.rank :: self.world_size].tolist()
+        return self._epoch_order(epoch).tolist()
+
+    def _epoch_order(self, epoch: int):
+        """`epoch_indices` as a numpy array, kept for the latest epoch: the permutation is
+        drawn once per epoch, not per batch, and a corpus of many millions of rows costs
+        8 bytes a row, not a Python int each."""
+        cached = getattr(self, "_cached_order", None)
+        if cached is None or cached[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n_rows, generator=generator)
+            used = len(self) * self.world_size
+            cached = (epoch, order[:used][self.rank :: self.world_size].numpy().copy())
+            self._cached_order = cached
+        return cached[1]
 
     def stream(self, epoch: int = 0, position: int = 0) -> Iterator[tuple[int, int, int]]:
         """Endless (epoch, position, row index) from the given point on."""
         while True:
-            indices = self.epoch_indices(epoch)
+            indices = self._epoch_order(epoch)
             for p in range(position, len(indices)):
-                yield epoch, p, indices[p]
+                yield epoch, p, int(indices[p])
             epoch, position = epoch + 1, 0
 
     def batches(

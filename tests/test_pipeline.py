@@ -169,12 +169,25 @@ def test_settings_that_change_rows_invalidate_the_cache(tmp_path, tokenizer):
     assert not _rebuilds(str(corpus), DataConfig(num_proc=2), tokenizer)
 
 
-def test_num_proc_2_tokenizes_the_same_rows_in_the_same_order(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr("elfctl.pipeline.MAP_BATCH", 8)  # several batches per process
+def test_num_proc_2_tokenizes_the_same_rows_in_the_same_order(tmp_path, tokenizer):
     corpus = write_corpus(tmp_path / "corpus", files=3, lines=50)
     one = load_rows(str(corpus), DataConfig(cache_dir=str(tmp_path / "c1")), tokenizer)
-    two = load_rows(str(corpus), DataConfig(num_proc=2, cache_dir=str(tmp_path / "c2")), tokenizer)
-    assert two["input_ids"] == one["input_ids"] == slow_documents(corpus, tokenizer)
+    # two tokenizer processes, in a fresh interpreter: forking this one (which may hold
+    # JAX's threads from other tests) could deadlock
+    build = (
+        "import elfctl.pipeline as p; from elfctl.config import DataConfig; "
+        "from elfctl.data import load_source; from transformers import AutoTokenizer; "
+        "p.MAP_BATCH = 8; "  # several batches per process
+        f"tok = AutoTokenizer.from_pretrained({str(tmp_path / 'tokenizer')!r}); "
+        f"cfg = DataConfig(num_proc=2, cache_dir={str(tmp_path / 'c2')!r}); "
+        f"assert load_source({str(corpus)!r}, cfg, tok).prepared.built"
+    )
+    subprocess.run([sys.executable, "-c", build], check=True, timeout=600)
+    two = load_source(
+        str(corpus), DataConfig(num_proc=2, cache_dir=str(tmp_path / "c2")), tokenizer
+    )
+    assert not two.prepared.built  # what the two processes wrote
+    assert two.rows["input_ids"] == one["input_ids"] == slow_documents(corpus, tokenizer)
 
 
 def test_tokenization_reports_progress_in_documents_and_tokens(tmp_path, tokenizer, monkeypatch):

@@ -356,7 +356,9 @@ def _chunks(part, num_proc: int) -> Iterator:
 def _tokenize(piece, cfg: DataConfig, tokenizer, strip: bool, cache_file: Path):
     from datasets import Features, Sequence, Value
 
-    columns = {"input_ids": Sequence(Value("int32")), "target": Value("string")}
+    columns = {"input_ids": Sequence(Value("int32"))}
+    if not cfg.packing:  # packed rows keep no text: it would no longer match a row
+        columns["target"] = Value("string")
     if cfg.conditional:
         columns.update({"condition_input_ids": Sequence(Value("int32")), "input": Value("string")})
     # a pool only pays for itself on pieces of several batches per process
@@ -368,13 +370,18 @@ def _tokenize(piece, cfg: DataConfig, tokenizer, strip: bool, cache_file: Path):
         num_proc=procs if procs > 1 else None,
         remove_columns=piece.column_names,
         features=Features(columns),
-        fn_kwargs={"tokenizer": tokenizer, "strip": strip, "conditional": cfg.conditional},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "strip": strip,
+            "conditional": cfg.conditional,
+            "keep_text": not cfg.packing,
+        },
         cache_file_name=str(cache_file),
         new_fingerprint=cache_file.stem,
     )
 
 
-def _tokenize_batch(batch, tokenizer, strip: bool, conditional: bool) -> dict:
+def _tokenize_batch(batch, tokenizer, strip: bool, conditional: bool, keep_text: bool) -> dict:
     targets = batch["target"]
     sources = batch["input"] if conditional else None
     for values in (targets, sources or []):
@@ -383,7 +390,9 @@ def _tokenize_batch(batch, tokenizer, strip: bool, conditional: bool) -> dict:
     if strip:  # .txt: surrounding whitespace goes, blank examples are dropped
         keep = [i for i, t in enumerate(targets) if t.strip()]
         targets = [targets[i].strip() for i in keep]
-    out = {"input_ids": _ids(tokenizer, targets), "target": targets}
+    out = {"input_ids": _ids(tokenizer, targets)}
+    if keep_text:
+        out["target"] = targets
     if conditional:
         out["condition_input_ids"] = _ids(tokenizer, sources)
         out["input"] = sources

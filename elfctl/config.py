@@ -71,6 +71,11 @@ class DataConfig:
     max_input_length: int = 0  # condition budget; 0 for unconditional data
     pad_token: Literal["pad", "eos"] = "pad"
     num_workers: int = 0
+    # Raw text and packing (elfctl/pipeline.py): tokenizer processes, packed rows, cache.
+    num_proc: int = 1
+    packing: bool = False  # unconditional only: eos-joined documents cut into max_length rows
+    streaming: bool = False  # hub datasets read as a stream (elfctl/streaming.py)
+    cache_dir: str | None = None  # default $ELFCTL_CACHE/data (~/.cache/elfctl/data)
 
 
 @dataclass

@@ -8,8 +8,9 @@ raw `input` (source) and `target` text. Rows come from (ELF_SPEC.md section 2):
                                        `load_from_disk` when it is stored in
                                        `save_to_disk` layout;
   b) a local `save_to_disk` folder  -> `load_from_disk`;
-  c) the user's raw text            -> a `.txt` file, a `.jsonl` file, or a folder of
-                                       them, tokenized here without special tokens;
+  c) the user's raw text            -> a `.txt` file, a `.jsonl` file, a folder of
+                                       them or a glob, tokenized without special
+                                       tokens and cached by `pipeline.py`;
   d) a `testbed:` URI               -> the offline test bed's `save_to_disk` folder.
 
 Raw text rules:
@@ -20,6 +21,9 @@ Raw text rules:
          condition) and `data.target_field`. Raw text is kept as `target`
          (and `input` for the condition).
 
+With `data.packing`, unconditional rows of any source are packed into rows of exactly
+`max_length` tokens (pipeline.py says how), cached like tokenized text.
+
 Collation masks are bool tensors (True = yes); see `collate`.
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +41,7 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     from .config import DataConfig
+    from .pipeline import PreparedRows
 
 TEXT_MODES = ("line", "file")
 _TOKENIZE_CHUNK = 1024  # texts per tokenizer call
@@ -120,6 +126,12 @@ class Collator:
 # Row sources
 
 
+@dataclass
+class LoadedRows:
+    rows: Any  # datasets.Dataset
+    prepared: PreparedRows | None  # set when the rows were built or reused from the cache
+
+
 def load_rows(
     source: str,
     cfg: DataConfig,
@@ -127,31 +139,60 @@ def load_rows(
     split: str = "train",
     text_mode: str | None = None,
 ):
-    """The rows named by `source`, as an indexable dataset (`datasets.Dataset`).
+    """The rows named by `source`, as an indexable dataset (`datasets.Dataset`)."""
+    return load_source(source, cfg, tokenizer, split, text_mode).rows
 
-    An existing local path is a `save_to_disk` folder or raw text; `testbed:...`
-    is resolved by the test bed; anything else is a hub dataset id. `tokenizer`
-    is needed for raw text only. text_mode ("line" | "file") defaults to
-    `cfg.text_mode` when the config has one, else "line".
+
+def load_source(
+    source: str,
+    cfg: DataConfig,
+    tokenizer=None,
+    split: str = "train",
+    text_mode: str | None = None,
+    *,
+    may_build: bool = True,
+    on_progress=None,
+) -> LoadedRows:
+    """The rows named by `source`, and (for cached rows) where they live.
+
+    An existing local path or a glob is a `save_to_disk` folder or raw text;
+    `testbed:...` is resolved by the test bed; anything else is a hub dataset id.
+    `tokenizer` is needed for raw text and packing. text_mode ("line" | "file")
+    overrides `cfg.text_mode`. `may_build=False` (non-main processes) only reads the
+    cache; see `pipeline.prepare_text_rows`.
     """
+    from .pipeline import check_data_settings, is_glob, prepare_packed_rows, prepare_text_rows
+
+    check_data_settings(cfg)
+    if text_mode is not None:
+        cfg = replace(cfg, text_mode=text_mode)
+    if cfg.text_mode not in TEXT_MODES:
+        raise UserError(f"text_mode must be one of {', '.join(TEXT_MODES)}, got {cfg.text_mode!r}.")
+    path = Path(source).expanduser()
     if source.startswith("testbed:"):
         from .testbed.assets import resolve_testbed_uri
 
         rows = load_disk_rows(Path(resolve_testbed_uri(source)), split)
+    elif is_glob(source) or (path.exists() and not is_save_to_disk_folder(path)):
+        if tokenizer is None:
+            raise ValueError("raw text sources need a tokenizer")
+        prepared = prepare_text_rows(
+            source, cfg, tokenizer, may_build=may_build, on_progress=on_progress
+        )
+        return LoadedRows(prepared.rows, prepared)
+    elif path.exists():
+        rows = load_disk_rows(path, split)
+    elif _looks_like_path(source):
+        raise UserError(f"Data source not found: {source}.")
     else:
-        path = Path(source).expanduser()
-        if path.exists():
-            if is_save_to_disk_folder(path):
-                rows = load_disk_rows(path, split)
-            else:
-                mode = text_mode or getattr(cfg, "text_mode", "line")
-                return load_text_rows(path, cfg, tokenizer, mode)
-        elif _looks_like_path(source):
-            raise UserError(f"Data source not found: {source}.")
-        else:
-            rows = load_hub_rows(source, split)
+        rows = load_hub_rows(source, split)
     check_columns(rows, source, cfg.conditional)
-    return rows
+    if cfg.packing:
+        if tokenizer is None:
+            raise ValueError("packing needs a tokenizer (its eos id)")
+        prepared = prepare_packed_rows(rows, source, cfg, tokenizer, may_build=may_build)
+        return LoadedRows(prepared.rows, prepared)
+    return LoadedRows(rows, None)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -263,62 +304,6 @@ def save_to_disk_root(folder: Path) -> Path:
 # Raw text
 
 
-def load_text_rows(path: Path, cfg: DataConfig, tokenizer, text_mode: str = "line"):
-    """Rows from a .txt / .jsonl file or a folder of them, tokenized without special tokens."""
-    from datasets import Dataset
-
-    if tokenizer is None:
-        raise ValueError("raw text sources need a tokenizer")
-    if text_mode not in TEXT_MODES:
-        raise UserError(f"text_mode must be one of {', '.join(TEXT_MODES)}, got {text_mode!r}.")
-    sources: list[str | None] = []
-    targets: list[str] = []
-    for file in text_files(path):
-        if file.suffix == ".jsonl":
-            pairs = read_jsonl_examples(file, cfg)
-        else:
-            if cfg.conditional:
-                raise UserError(
-                    f"{file} is plain text, but conditional data needs .jsonl rows with "
-                    f"'{cfg.source_field}' and '{cfg.target_field}' fields."
-                )
-            pairs = [(None, text) for text in read_txt_examples(file, text_mode)]
-        for source, target in pairs:
-            sources.append(source)
-            targets.append(target)
-    if not targets:
-        raise UserError(f"Data source {path} holds no text examples.")
-    columns: dict[str, list] = {"input_ids": tokenize(tokenizer, targets), "target": targets}
-    if cfg.conditional:
-        columns["condition_input_ids"] = tokenize(tokenizer, sources)
-        columns["input"] = sources
-    return Dataset.from_dict(columns)
-
-
-def text_files(path: Path) -> list[Path]:
-    """The .txt / .jsonl files named by `path` (a file, or a folder searched recursively)."""
-    suffixes = (".txt", ".jsonl")
-    if path.is_file():
-        if path.suffix not in suffixes:
-            raise UserError(
-                f"Unsupported data file {path}: expected .txt, .jsonl or a save_to_disk folder."
-            )
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
-    if not files:
-        raise UserError(
-            f"Data folder {path} holds no .txt or .jsonl files and is not a save_to_disk folder."
-        )
-    return files
-
-
-def read_txt_examples(file: Path, text_mode: str) -> list[str]:
-    text = read_text(file)
-    if text_mode == "file":
-        return [text.strip()] if text.strip() else []
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def jsonl_objects(file: Path) -> Iterator[tuple[str, dict]]:
     """("<file>, line N", object) per non-blank line; malformed lines name file and line."""
     for number, line in enumerate(read_text(file).splitlines(), start=1):
@@ -332,23 +317,6 @@ def jsonl_objects(file: Path) -> Iterator[tuple[str, dict]]:
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object.")
         yield where, record
-
-
-def read_jsonl_examples(file: Path, cfg: DataConfig) -> list[tuple[str | None, str]]:
-    """(source or None, target) per non-blank line; malformed lines name file and line."""
-    fields = [cfg.source_field, cfg.target_field] if cfg.conditional else [cfg.text_field]
-    examples: list[tuple[str | None, str]] = []
-    for where, record in jsonl_objects(file):
-        values = []
-        for name in fields:
-            if name not in record:
-                raise UserError(f"{where}: missing field '{name}'.")
-            if not isinstance(record[name], str):
-                kind = type(record[name]).__name__
-                raise UserError(f"{where}: field '{name}' must be a string, not {kind}.")
-            values.append(record[name])
-        examples.append((values[0], values[1]) if cfg.conditional else (None, values[0]))
-    return examples
 
 
 def read_text(file: Path) -> str:
@@ -400,17 +368,27 @@ class EpochShuffler:
 
     def epoch_indices(self, epoch: int) -> list[int]:
         """This process's row indices for `epoch`, in order."""
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.n_rows, generator=generator)
-        used = len(self) * self.world_size
-        return order[:used][self.rank :: self.world_size].tolist()
+        return self._epoch_order(epoch).tolist()
+
+    def _epoch_order(self, epoch: int):
+        """`epoch_indices` as a numpy array, kept for the latest epoch: the permutation is
+        drawn once per epoch, not per batch, and a corpus of many millions of rows costs
+        8 bytes a row, not a Python int each."""
+        cached = getattr(self, "_cached_order", None)
+        if cached is None or cached[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n_rows, generator=generator)
+            used = len(self) * self.world_size
+            cached = (epoch, order[:used][self.rank :: self.world_size].numpy().copy())
+            self._cached_order = cached
+        return cached[1]
 
     def stream(self, epoch: int = 0, position: int = 0) -> Iterator[tuple[int, int, int]]:
         """Endless (epoch, position, row index) from the given point on."""
         while True:
-            indices = self.epoch_indices(epoch)
+            indices = self._epoch_order(epoch)
             for p in range(position, len(indices)):
-                yield epoch, p, indices[p]
+                yield epoch, p, int(indices[p])
             epoch, position = epoch + 1, 0
 
     def batches(

@@ -364,6 +364,8 @@ class DistillTrainer(Trainer):
         from .checkpoints import build_model, load_checkpoint
 
         check_distill_config(cfg)
+        if cfg.data.streaming:  # rounds are counted in epochs of a known number of rows
+            raise UserError("distill does not stream (data.streaming): its rounds are epochs.")
         if cfg.distill.round is None:
             raise UserError("A distillation round needs distill.round (use round_config).")
         self.round = cfg.distill.round

@@ -46,6 +46,8 @@ RESUMABLE_CHANGES = {
     "train.epochs",
     "train.compile",
     "train.gpu_precision",  # a resumed run may move to other hardware
+    "data.num_proc",  # how the rows are prepared, not what they are
+    "data.cache_dir",
     "description",
 }
 
@@ -133,9 +135,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 class Trainer:
     """Holds the pieces of a run; `fit` runs the loop. Only the main process writes."""
 
-    def __init__(self, cfg: Config, run_dir: Path, accelerator, resume: str = "auto"):
+    def __init__(
+        self, cfg: Config, run_dir: Path, accelerator, resume: str = "auto", data_progress=None
+    ):
         from . import autoconfig
-        from .data import Collator, EpochShuffler, load_rows
+        from .data import Collator, EpochShuffler
         from .encoder import load_encoder, load_tokenizer
         from .optim import (
             EMA,
@@ -150,6 +154,7 @@ class Trainer:
         self.device = accelerator.device
         self.micro, self.accum = plan_batches(cfg, accelerator.num_processes)
 
+        self._check_data_settings()  # before anything heavy is loaded
         saved = read_saved_config(self.run_dir) if resume != "never" else None
         if saved is not None:  # a resumed run keeps the numbers it was started with
             autoconfig.inherit_resolved(cfg, saved)
@@ -171,22 +176,37 @@ class Trainer:
                 f"model.latent_dim is {cfg.model.latent_dim} but the encoder "
                 f"'{cfg.encoder.encoder}' has width {self.encoder.width}."
             )
-        self.rows = load_rows(cfg.data.train, cfg.data, self.tokenizer, cfg.data.split)
         self.collate = Collator.for_tokenizer(cfg.data, self.tokenizer)
-        self.auto_settings.update(
-            autoconfig.resolve_latent_stats(cfg, self.encoder, self.rows, self.collate, self.device)
-        )
-        n_rows = len(self.rows)
-        if n_rows < cfg.train.global_batch:
-            raise UserError(
-                f"The training data has {n_rows} rows, fewer than one global batch "
-                f"({cfg.train.global_batch})."
+        self.stream = None  # streaming.RowStream when data.streaming
+        if cfg.data.streaming:
+            self.rows, self.prepared, self.stream = None, None, self._open_stream()
+            self.auto_settings.update(
+                autoconfig.resolve_latent_stats(
+                    cfg, self.encoder, self._first_streamed_rows(), self.collate, self.device
+                )
             )
-        self.shuffler = EpochShuffler(
-            n_rows, cfg.train.seed, accelerator.process_index, accelerator.num_processes
-        )
-        self.steps_per_epoch = n_rows // cfg.train.global_batch
-        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
+            self.steps_per_epoch = None  # a stream's length is not known
+            self.total_steps = cfg.train.max_steps
+        else:
+            self.rows, self.prepared = self._load_rows(data_progress)
+            self.auto_settings.update(
+                autoconfig.resolve_latent_stats(
+                    cfg, self.encoder, self.rows, self.collate, self.device
+                )
+            )
+            n_rows = len(self.rows)
+            if n_rows < cfg.train.global_batch:
+                raise UserError(
+                    f"The training data has {n_rows} rows, fewer than one global batch "
+                    f"({cfg.train.global_batch})."
+                )
+            self.shuffler = EpochShuffler(
+                n_rows, cfg.train.seed, accelerator.process_index, accelerator.num_processes
+            )
+            self.steps_per_epoch = n_rows // cfg.train.global_batch
+            self.total_steps = cfg.train.max_steps or math.ceil(
+                cfg.train.epochs * self.steps_per_epoch
+            )
 
         model = self.initial_model().to(self.device)
         self.ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
@@ -207,6 +227,69 @@ class Trainer:
         if self.resume_from is not None:
             self._load(self.resume_from)
 
+    def _load_rows(self, data_progress=None):
+        """(rows, pipeline.PreparedRows or None). Raw text and packed rows are built once,
+        by the main process; the others wait, then read its cache (they never tokenize)."""
+        from .data import load_source
+
+        data, acc = self.cfg.data, self.acc
+        with acc.main_process_first():
+            loaded = load_source(
+                data.train,
+                data,
+                self.tokenizer,
+                data.split,
+                may_build=acc.is_main_process,
+                on_progress=data_progress if acc.is_main_process else None,
+            )
+        return loaded.rows, loaded.prepared
+
+    def _check_data_settings(self) -> None:
+        from .pipeline import check_data_settings
+
+        cfg = self.cfg
+        check_data_settings(cfg.data)
+        if not cfg.data.streaming:
+            return
+        if cfg.train.max_steps is None:
+            raise UserError("data.streaming needs train.max_steps: a stream's length is unknown.")
+        if cfg.optim.warmup_epochs is not None and cfg.optim.warmup_steps is None:
+            raise UserError("data.streaming needs optim.warmup_steps, not optim.warmup_epochs.")
+
+    def _open_stream(self):
+        """This process's streamed rows (data.streaming); the run's length must be given."""
+        from .streaming import RowStream
+
+        cfg, acc = self.cfg, self.acc
+        return RowStream(
+            cfg.data.train,
+            cfg.data,
+            self.tokenizer,
+            cfg.data.split,
+            acc.process_index,
+            acc.num_processes,
+        )
+
+    def _first_streamed_rows(self):
+        """The stream's first `encoder.latent_stats_rows` rows (as one process sees the whole
+        stream), where `auto` latent statistics are measured; None if none are auto."""
+        from . import autoconfig
+
+        if not autoconfig.needs_latent_stats(self.cfg):
+            return None
+        from datasets import Dataset
+
+        from .streaming import RowStream
+
+        cfg = self.cfg
+        stream = RowStream(cfg.data.train, cfg.data, self.tokenizer, cfg.data.split)
+        return Dataset.from_list(stream.take(cfg.encoder.latent_stats_rows))
+
+    def _epoch(self) -> float:
+        if self.stream is not None:
+            return self.stream.epoch  # passes over this process's stream
+        return self.step / self.steps_per_epoch
+
     def initial_model(self):
         """The network before the first step: `train.init`'s weights when fine-tuning (not
         on resume: the checkpoint brings the weights), else a seeded random init.
@@ -226,14 +309,22 @@ class Trainer:
 
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
         batches = []
-        stream = self.shuffler.batches(self.micro, self.epoch, self.position)
+        rows = self._row_batches()
         for _ in range(self.accum):
-            indices, self.epoch, self.position = next(stream)
-            columns = self.rows[indices]  # {column: [value per row]}
-            as_rows = [{name: columns[name][i] for name in columns} for i in range(len(indices))]
-            batch = self.collate(as_rows)
+            batch = self.collate(next(rows))
             batches.append({k: v.to(self.device) for k, v in batch.items()})
         return batches
+
+    def _row_batches(self):
+        """Micro-batches of rows from where training stands (the position advances)."""
+        if self.stream is not None:
+            while True:
+                yield self.stream.take(self.micro)
+        order = self.shuffler.batches(self.micro, self.epoch, self.position)
+        while True:
+            indices, self.epoch, self.position = next(order)
+            columns = self.rows[indices]  # {column: [value per row]}
+            yield [{name: columns[name][i] for name in columns} for i in range(len(indices))]
 
     def loss_denominator(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """The global number of loss-mask tokens, divided by the processes whose
@@ -351,7 +442,7 @@ class Trainer:
         ce_sum, l2_sum, ce_tok, l2_tok = totals.tolist()
         return {
             "step": self.step,
-            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "epoch": round(self._epoch(), 4),
             "loss": (ce_sum + l2_sum) / max(ce_tok + l2_tok, 1),
             "l2": l2_sum / max(l2_tok, 1),
             "ce": ce_sum / max(ce_tok, 1),
@@ -379,6 +470,9 @@ class Trainer:
             {"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
             staging / f"rng_rank{rank}.pt",
         )
+        if self.stream is not None:  # each process's own position in the stream
+            state = json.dumps(self.stream.state_dict())
+            records.atomic_write_text(staging / f"stream_rank{rank}.json", state)
         acc.wait_for_everyone()
         target = self.run_dir / "checkpoints" / name
         if acc.is_main_process:
@@ -395,7 +489,7 @@ class Trainer:
                 self.cfg,
                 self.step,
                 extra_meta={
-                    "epoch": self.step / self.steps_per_epoch,
+                    "epoch": self._epoch(),
                     "data": meta,
                     "precision": precision_name(acc.mixed_precision),
                 },
@@ -437,6 +531,9 @@ class Trainer:
                 "warmup": self.ema.warmup,
             }
         )
+        if self.stream is not None:
+            rank = self.acc.process_index
+            self.stream.load_state_dict(json.loads((state / f"stream_rank{rank}.json").read_text()))
         rng = torch.load(state / f"rng_rank{self.acc.process_index}.pt", weights_only=True)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])

@@ -78,6 +78,32 @@ def progress(
     yield advance_plain
 
 
+class ChunkProgress:
+    """A `pipeline.Progress` callback (documents done, documents in all, tokens done):
+    the `progress` bar in documents/s, with tokens/s beside it."""
+
+    def __init__(self, description: str = "tokenizing"):
+        self.description = description
+        self.stack = contextlib.ExitStack()
+        self.advance: Callable[[int], None] | None = None
+        self.done = self.tokens = 0
+        self.start = time.perf_counter()
+
+    def _rate(self) -> str:
+        return f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} tokens/s"
+
+    def __call__(self, done: int, total: int, tokens: int) -> None:
+        if self.advance is None:
+            self.start = time.perf_counter()
+            bar = progress(self.description, total, "docs", extra=self._rate)
+            self.advance = self.stack.enter_context(bar)
+        self.tokens = tokens
+        self.advance(done - self.done)
+        self.done = done
+        if done >= total:
+            self.stack.close()
+
+
 def fit_with_progress(trainer, description: str = "training", l2_name: str = "l2"):
     """Run `trainer.fit` under a progress bar whose status is the latest logged record.
 

@@ -10,7 +10,7 @@ import typer
 
 from ..config import Config, preset_names
 from .app import app, console, handle_errors, out
-from .progress import fit_with_progress
+from .progress import ChunkProgress, fit_with_progress
 
 # Options shared by the training commands (train, distill).
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the config and exit.")]
@@ -74,6 +74,21 @@ def resolve_run_config(
     if mixed_precision not in (None, "no", "bf16", "fp16"):
         raise UserError(f"--mixed-precision must be no or bf16, got '{mixed_precision}'.")
     return resolve(preset, config_file, overrides, sets)
+
+
+def print_prepared_rows(source: str, prepared) -> None:
+    """One line on the rows the data pipeline built or found in its cache."""
+    if prepared is None:
+        return
+    m = prepared.manifest
+    kind = "packed rows" if m["settings"].get("packing") else "rows"
+    what = "tokenized" if "files" in m else "packed"
+    verb = f"{what} now" if prepared.built else "reused from the cache"
+    console.print(
+        f"data: {source}: {m['rows']:,} {kind} ({m['tokens']:,} tokens, "
+        f"{m['documents']:,} documents), {verb}: {prepared.folder}",
+        highlight=False,
+    )
 
 
 def _train_help() -> str:
@@ -147,10 +162,11 @@ def train(
     precision = training_precision(cpu, mixed_precision, cfg.train.gpu_precision)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=precision.mode)
     run_dir = run_dir or Path("runs") / cfg.name
-    trainer = Trainer(cfg, run_dir, accelerator, resume)
+    trainer = Trainer(cfg, run_dir, accelerator, resume, data_progress=ChunkProgress())
     trainer.log_with = trackers
     main = accelerator.is_main_process
     if main:
+        print_prepared_rows(cfg.data.train, trainer.prepared)
         print_resolved(trainer)
         where = f"resuming from step {trainer.step}" if trainer.resume_from else "starting"
         console.print(

@@ -8,7 +8,7 @@ tokens are decoded after the loop.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +56,8 @@ def setting_kwargs(setting) -> dict:
 class Generation:
     tokens: list[list[int]]  # per sample, eos and everything after it removed
     texts: list[str]
+    # per sample, with --trajectory: {"steps", "t", "tokens", "texts"} of each recorded step
+    trajectories: list[dict] | None = None
 
 
 def autocast_context(device: torch.device, precision: str | None):
@@ -121,10 +123,14 @@ def sample_latents(
     noise: torch.Tensor,
     generator: torch.Generator | None = None,
     condition: Condition | None = None,
+    known=None,
+    recorder: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Integrate from z = s * noise at t = 0 to t = 1; returns the final z (B, S, C).
 
     All steps but the last use the chosen method; the last is always an ODE step.
+    `known` (a `prompting.KnownTokens`) holds known tokens wherever z or x_hat is set;
+    `recorder(step, t, x_hat)` is called after every step (see `trajectory`).
     """
     device, B = noise.device, noise.shape[0]
     s, t_eps = settings.noise_scale, model.cfg.t_eps
@@ -132,20 +138,30 @@ def sample_latents(
         settings.steps, settings.time_schedule, settings.p_mean, settings.p_std, generator, device
     )
     sc_scale = torch.full((B,), float(settings.sc_cfg), device=device)
-    z = restore(s * noise, condition)
+
+    def hold(z, t):
+        z = restore(z, condition)
+        return z if known is None else known.apply(z, t, noise, s)
+
+    z = hold(s * noise, grid[0])
     x_prev = restore(torch.zeros_like(z), condition)
+    x_prev = x_prev if known is None else known.x_hat(x_prev)
     for i in range(settings.steps):
         t, t_next = grid[i], grid[i + 1]
         if settings.method == "sde" and i < settings.steps - 1:
             eps = torch.randn(z.shape, generator=generator, device=device)
             z, t = flow.sde_back(z, t, t_next, settings.gamma, s, eps)
-            z = restore(z, condition)
+            z = hold(z, t)
         elif settings.method not in ("sde", "ode"):
             raise ValueError(f"unknown sampler {settings.method!r}")
         t_rows = t.expand(B).contiguous()  # one stride for every call: no recompiles
         x_hat, v = denoise(model, z, x_prev, t_rows, sc_scale, settings.cfg, condition, t_eps)
-        z = restore(flow.ode_step(z, v, t, t_next), condition)
+        if known is not None:
+            x_hat = known.x_hat(x_hat)
+        z = hold(flow.ode_step(z, v, t, t_next), t_next)
         x_prev = x_hat
+        if recorder is not None:
+            recorder(i, t, x_hat)
     return z
 
 
@@ -200,11 +216,25 @@ def generate(
     precision: str | None = "auto",
     compile: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    prompt: str | Sequence[str] | None = None,
+    infill: str | Sequence[str] | None = None,
+    encoder=None,
+    hold: str | None = None,
+    known_encoding: str | None = None,
+    known=None,
+    trajectory: int = 0,
 ) -> Generation:
     """Sample `num_samples` texts. An explicit `noise` (B, S, C) fixes the start exactly.
 
     With a condition, `num_samples` and `length` come from it and outputs are the
     target part only. Samples depend on (seed, batch_size, device).
+
+    `prompt` (a text, or one per sample, cycled) fixes each sample's first tokens;
+    `infill` (templates with `[gap:N]`) fixes tokens around gaps. Both need the frozen
+    `encoder` for the known tokens' clean latents; `hold` and `known_encoding` choose how
+    they are held and encoded (see `prompting`). `known` passes ready `KnownTokens` for
+    all samples instead (e.g. built with `prompting.known_tokens(..., sources=...)` for a
+    conditional model). `trajectory=K` also decodes x_hat at K evenly spaced steps.
     """
     device = next(model.parameters()).device
     settings = SamplerSettings(steps, method, gamma, sc_cfg, cfg, time_schedule, noise_scale)
@@ -219,7 +249,19 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1
 
+    layouts = _prompt_layouts(tokenizer, prompt, infill, condition, known, encoder, length)
+
+    def finish(tokens: torch.Tensor, cond, held) -> list[list[int]]:
+        """Decoded ids (B, S) -> each sample's output ids (known tokens kept)."""
+        if held is not None:
+            tokens = held.finish(tokens, eos_id, pad_id)
+        if cond is not None:
+            tokens = shift_condition(tokens, cond, pad_id)
+        tokens = mask_after_eos(tokens, eos_id, pad_id)
+        return [strip_pad(row, pad_id) for row in tokens.tolist()]
+
     all_tokens: list[list[int]] = []
+    trajectories: list[dict] | None = [] if trajectory else None
     for start in range(0, num_samples, batch_size):
         end = min(start + batch_size, num_samples)
         if noise is not None:
@@ -227,17 +269,71 @@ def generate(
         else:
             eps = torch.randn(end - start, length, C, generator=generator, device=device)
         cond = _slice_condition(condition, start, end, device)
+        held = known.slice(start, end, device) if known is not None else None
+        if layouts:
+            from .prompting import known_tokens
+
+            rows = [layouts[i % len(layouts)] for i in range(start, end)]
+            held = known_tokens(
+                encoder,
+                tokenizer,
+                rows,
+                length,
+                device=device,
+                **_known_options(hold, known_encoding),
+            )
+        recorder = None
+        if trajectory:
+            from .trajectory import TrajectoryRecorder
+
+            recorder = TrajectoryRecorder(steps, trajectory, lambda x: decode(net, x, sc_cfg))
         with autocast_context(device, precision):
-            z = sample_latents(net, settings, eps, generator, cond)
+            z = sample_latents(net, settings, eps, generator, cond, held, recorder)
             tokens = decode(net, z, sc_cfg)
-        if cond is not None:
-            tokens = shift_condition(tokens, cond, pad_id)
-        tokens = mask_after_eos(tokens, eos_id, pad_id)
-        all_tokens.extend(strip_pad(row, pad_id) for row in tokens.tolist())
+        all_tokens.extend(finish(tokens, cond, held))
+        if recorder is not None:
+            times, frames = recorder.frames()
+            per_step = [finish(f, cond, held) for f in frames]  # (K, B) id lists
+            for b in range(end - start):
+                ids = [step_rows[b] for step_rows in per_step]
+                trajectories.append(
+                    {"steps": [i + 1 for i in recorder.steps], "t": times, "tokens": ids}
+                )
         if on_batch is not None:
             on_batch(end - start)
-    texts = tokenizer.batch_decode(all_tokens, skip_special_tokens=True)
-    return Generation(tokens=all_tokens, texts=[t.strip() for t in texts])
+    texts = [t.strip() for t in tokenizer.batch_decode(all_tokens, skip_special_tokens=True)]
+    for record in trajectories or []:
+        words = tokenizer.batch_decode(record["tokens"], skip_special_tokens=True)
+        record["texts"] = [w.strip() for w in words]
+    return Generation(tokens=all_tokens, texts=texts, trajectories=trajectories)
+
+
+def _known_options(hold: str | None, encoding: str | None) -> dict:
+    from .prompting import DEFAULT_ENCODING, DEFAULT_HOLD
+
+    return {"hold": hold or DEFAULT_HOLD, "encoding": encoding or DEFAULT_ENCODING}
+
+
+def _prompt_layouts(tokenizer, prompt, infill, condition, known, encoder, length) -> list:
+    """The parsed prompts or templates of a generate() call (checked to fit), or []."""
+    if prompt is None and infill is None:
+        return []
+    from .prompting import check_fits, layouts_for
+
+    if known is not None:
+        raise ValueError("give prompt/infill or known, not both")
+    if condition is not None:
+        raise ValueError(
+            "prompting a conditional model needs the sources: pass "
+            "known=prompting.known_tokens(..., sources=...)"
+        )
+    if encoder is None:
+        raise ValueError("prompt and infill need the frozen encoder (encoder=...)")
+    as_list = [prompt] if isinstance(prompt, str) else prompt
+    templates = [infill] if isinstance(infill, str) else infill
+    layouts = layouts_for(tokenizer, as_list, templates)
+    check_fits(layouts, length)
+    return layouts
 
 
 def _slice_condition(condition: Condition | None, start: int, end: int, device):

@@ -11,12 +11,12 @@ RUN ?= runs/tiny
 setup: $(VENV)/.installed
 
 # CPU torch 2.13.0 first (from the machine's local disk), or pip may fetch a multi-GB
-# CUDA build; then the project with its test and JAX extras.
+# CUDA build; then the project with its test, JAX and plot extras.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,jax]"
+	$(BIN)/pip install --quiet -e ".[test,jax,plot]"
 	touch $@
 
 demo: setup

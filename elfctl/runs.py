@@ -41,12 +41,14 @@ def load_for_sampling(
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
     with_encoder: bool = False,
+    for_prompting: bool = False,
 ) -> LoadedModel:
     """The EMA model, its tokenizer and the config that describes it.
 
     See `checkpoint_config` for how the checkpoint and `preset` (a name or a Config)
     combine. `with_encoder` also loads the frozen encoder of `config.encoder`, which
-    only conditional sampling needs.
+    only conditional sampling needs; `for_prompting` loads it for any model (prompts and
+    infill templates need their clean latents).
     """
     from .encoder import load_encoder, load_tokenizer
 
@@ -62,8 +64,9 @@ def load_for_sampling(
             "--tokenizer."
         )
     encoder = None
-    if with_encoder:
-        check_conditional(config, source)
+    if with_encoder or for_prompting:
+        if with_encoder:
+            check_conditional(config, source)
         encoder = load_encoder(config.encoder, device)
         if encoder.width != config.model.latent_dim:
             raise UserError(
@@ -121,6 +124,12 @@ class SampleJob:
     conditions: list[str] | None = None  # source texts, for conditional models
     references: list[str | None] | None = None
     meta: dict = field(default_factory=dict)
+    # Prompting / infilling (`prompting`): row i holds prompts[i % len] or templates[i % len].
+    prompts: list[str] | None = None
+    templates: list[str] | None = None
+    hold: str | None = None  # default: prompting.DEFAULT_HOLD
+    known_encoding: str | None = None  # default: prompting.DEFAULT_ENCODING
+    trajectory: int = 0  # record x_hat's text at this many evenly spaced steps
 
     def run(
         self,
@@ -154,6 +163,7 @@ class SampleJob:
                 condition=self.conditions[i] if self.conditions else None,
                 reference=self.references[i] if self.references else None,
                 seed=self.seed,
+                meta=self._row_meta(i, result),
             )
             for i, (text, tokens) in enumerate(zip(result.texts, result.tokens, strict=True))
         ]
@@ -171,6 +181,28 @@ class SampleJob:
         records.write_run_json(out_dir, info)
         return info
 
+    def _known_given(self) -> list[str] | None:
+        return self.prompts or self.templates
+
+    def _row_meta(self, i: int, result: Generation) -> dict:
+        """A row's prompt or template, and its trajectory when one was recorded."""
+        meta = {}
+        given = self._known_given()
+        if given:
+            meta["prompt" if self.prompts else "template"] = given[i % len(given)]
+        if result.trajectories is not None:
+            record = result.trajectories[i]
+            meta["trajectory"] = {k: record[k] for k in ("steps", "t", "texts")}
+        return meta
+
+    def _known_options(self) -> dict:
+        from .prompting import DEFAULT_ENCODING, DEFAULT_HOLD
+
+        return {
+            "hold": self.hold or DEFAULT_HOLD,
+            "known_encoding": self.known_encoding or DEFAULT_ENCODING,
+        }
+
     def _generate(
         self,
         loaded: LoadedModel,
@@ -179,7 +211,14 @@ class SampleJob:
         num_samples: int,
         batch_size: int,
         on_batch: Callable[[int], None] | None,
+        known=None,
     ) -> Generation:
+        prompting = {}
+        if self._known_given() and known is None:
+            prompting = (
+                dict(prompt=self.prompts, infill=self.templates, encoder=loaded.encoder)
+                | self._known_options()
+            )
         return generate(
             loaded.model,
             loaded.tokenizer,
@@ -192,6 +231,9 @@ class SampleJob:
             precision=self.precision,
             compile=self.compile,
             on_batch=on_batch,
+            known=known,
+            trajectory=self.trajectory,
+            **prompting,
         )
 
     def _generate_conditional(
@@ -209,8 +251,10 @@ class SampleJob:
         sources = self.conditions[: self.num_samples]
         starts = range(0, len(sources), self.batch_size)
         seeds = batch_seeds(self.seed, len(starts))
+        layouts = self._layouts(loaded, data.max_length - data.max_input_length)
         tokens: list[list[int]] = []
         texts: list[str] = []
+        trajectories: list[dict] | None = [] if self.trajectory else None
         truncated = 0
         for start, seed in zip(starts, seeds, strict=True):
             chunk = sources[start : start + self.batch_size]
@@ -223,11 +267,40 @@ class SampleJob:
                 device,
                 data.pad_token,
             )
-            part = self._generate(loaded, condition, seed, len(chunk), len(chunk), on_batch)
+            known = None
+            if layouts:
+                from .prompting import known_tokens
+
+                options = self._known_options()
+                known = known_tokens(
+                    loaded.encoder,
+                    loaded.tokenizer,
+                    [layouts[i % len(layouts)] for i in range(start, start + len(chunk))],
+                    data.max_length,
+                    hold=options["hold"],
+                    encoding=options["known_encoding"],
+                    sources=chunk,
+                    max_input_length=data.max_input_length,
+                    pad_token=data.pad_token,
+                    device=device,
+                )
+            part = self._generate(
+                loaded, condition, seed, len(chunk), len(chunk), on_batch, known=known
+            )
             tokens.extend(part.tokens)
             texts.extend(part.texts)
+            if trajectories is not None:
+                trajectories.extend(part.trajectories)
             truncated += cut
-        return Generation(tokens=tokens, texts=texts), truncated
+        return Generation(tokens=tokens, texts=texts, trajectories=trajectories), truncated
+
+    def _layouts(self, loaded: LoadedModel, budget: int) -> list:
+        """Parsed prompts or templates, checked to fit in `budget` output tokens."""
+        from .prompting import check_fits, layouts_for
+
+        layouts = layouts_for(loaded.tokenizer, self.prompts, self.templates)
+        check_fits(layouts, budget)
+        return layouts
 
     def describe(self, loaded: LoadedModel, device: torch.device, wall: float) -> dict:
         ckpt = loaded.checkpoint
@@ -264,7 +337,21 @@ class SampleJob:
             "samples_per_s": round(self.num_samples / max(wall, 1e-9), 4),
             "meta": self.meta,
             "setting_full": asdict(self.setting),
+            **self._prompting_info(),
         }
+
+    def _prompting_info(self) -> dict:
+        info = {}
+        given = self._known_given()
+        if given:
+            info["prompting"] = {
+                "kind": "prompt" if self.prompts else "infill",
+                "count": len(given),
+                **self._known_options(),
+            }
+        if self.trajectory:
+            info["trajectory"] = {"k": self.trajectory}
+        return info
 
 
 def _device_name(device: torch.device) -> str:

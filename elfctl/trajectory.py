@@ -19,13 +19,13 @@ import torch
 def recorded_steps(steps: int, k: int) -> list[int]:
     """K evenly spaced step indices out of 0..steps-1, ending at the last step.
 
-    Step i is recorded when it is the round(j * steps / K)-th step (1-based) for j = 1..K;
-    K larger than `steps` records every step once.
+    For j = 1..K the recorded step is the first one by whose end j/K of the steps are done:
+    the ceil(j * steps / K)-th (1-based). K larger than `steps` records every step once.
     """
     if k < 1:
         raise ValueError(f"a trajectory needs K >= 1 recorded steps, got {k}")
     k = min(k, steps)
-    return sorted({max(0, round(j * steps / k) - 1) for j in range(1, k + 1)})
+    return [-(-j * steps // k) - 1 for j in range(1, k + 1)]
 
 
 class TrajectoryRecorder:

@@ -8,6 +8,7 @@ from . import (
     eval,  # noqa: F401
     sample,  # noqa: F401  (registers commands)
     score,  # noqa: F401
+    show,  # noqa: F401
     train,  # noqa: F401
 )
 from .app import app

@@ -144,13 +144,16 @@ def load_for_eval(
     config: Config,
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
+    for_prompting: bool = False,
 ) -> LoadedModel:
     """The model with the evaluation config: the preset's data and sampling settings, the
     checkpoint's network (and, for our own checkpoints, latent space); conditional presets
-    also get the frozen encoder."""
+    and prompted runs also get the frozen encoder."""
     from .runs import load_for_sampling
 
-    return load_for_sampling(source, config, tokenizer, device, config.data.conditional)
+    return load_for_sampling(
+        source, config, tokenizer, device, config.data.conditional, for_prompting
+    )
 
 
 def validation_pairs(config: Config, n: int) -> tuple[list[str], list[str]]:
@@ -219,6 +222,9 @@ class EvalRequest:
     force: bool = False
     scorer: str = "gpt2-large"  # recorded in eval.json; the ScoreFn does the scoring
     meta: dict[str, Any] = field(default_factory=dict)
+    # SampleJob's prompting fields (prompts or templates, hold, known_encoding), if any:
+    # every setting's samples are then prompted or infilled alike.
+    prompting: dict[str, Any] = field(default_factory=dict)
 
 
 def run_eval(
@@ -235,7 +241,9 @@ def run_eval(
     config, out_dir = request.config, request.out_dir
     check_out_dir(out_dir, request.settings, request.force)
 
-    loaded = load_for_eval(request.source, config, request.tokenizer, request.device)
+    loaded = load_for_eval(
+        request.source, config, request.tokenizer, request.device, bool(request.prompting)
+    )
     config = loaded.config  # the checkpoint's network inside the preset's settings
     sources = references = None
     available = None
@@ -268,6 +276,7 @@ def run_eval(
             conditions=sources[:n] if sources is not None else None,
             references=references[:n] if references is not None else None,
             meta={"eval": {"preset": config.name, "setting": setting.name}, **request.meta},
+            **request.prompting,
         )
         log(f"{setting.name}: sampling {n} x {job.length} tokens ({describe_sampler(setting)})")
         with progress(f"sampling {setting.name}", n, "samples") as advance:

@@ -201,3 +201,35 @@ def test_show_without_a_trajectory_prints_texts_and_refuses_to_draw(tmp_path, ti
     assert invoke("show", out, "--id", 9).exit_code == 2
     assert invoke("show", out, "--out", tmp_path / "t.jpg").exit_code == 2
     assert invoke("show", tmp_path / "nothing").exit_code == 2
+
+
+def test_eval_prompts_every_setting_and_scores_the_prompted_samples(tmp_path, tiny_ckpt):
+    from elfctl import records
+    from tests.gpt2_fixture import build_tiny_gpt2
+
+    scorer = build_tiny_gpt2(tmp_path / "gpt2")
+    out = tmp_path / "eval"
+    result = invoke(
+        "eval",
+        "--preset",
+        "tiny",
+        "--repo",
+        tiny_ckpt,
+        "--scorer",
+        scorer,
+        "--cpu",
+        "--num-samples",
+        3,
+        "--prompt",
+        "the dog",
+        "--prompt",
+        "every cat",
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    rows = records.read_samples(out / "sde-32")
+    assert [r["meta"]["prompt"] for r in rows] == ["the dog", "every cat", "the dog"]
+    assert all(r["text"].startswith(r["meta"]["prompt"]) for r in rows)
+    assert records.read_run_json(out / "sde-32")["prompting"]["kind"] == "prompt"
+    assert any(m["metric"] == "gen_ppl" for m in records.read_metrics(out / "sde-32"))

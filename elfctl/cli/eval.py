@@ -11,6 +11,14 @@ import typer
 
 from ..errors import UserError
 from .app import app, console, handle_errors, out
+from .sample import (
+    HOLD_OPTION,
+    INFILL_OPTION,
+    KNOWN_ENCODING_OPTION,
+    PROMPT_OPTION,
+    PROMPTS_FILE_OPTION,
+    prompting_fields,
+)
 
 LOG_WIDTH = 400  # the table's width limit when stdout is not a terminal
 
@@ -71,6 +79,11 @@ def eval_command(
     json_out: bool = typer.Option(
         False, "--json", help="Print eval.json on stdout (the table goes to stderr)."
     ),
+    prompt: list[str] = PROMPT_OPTION,
+    prompts_file: Path = PROMPTS_FILE_OPTION,
+    infill: list[str] = INFILL_OPTION,
+    hold: str = HOLD_OPTION,
+    known_encoding: str = KNOWN_ENCODING_OPTION,
 ) -> None:
     """Paper-table rows for a preset (help text: EVAL_HELP)."""
     from accelerate import PartialState
@@ -80,6 +93,7 @@ def eval_command(
 
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
+    prompting = prompting_fields(prompt, prompts_file, infill, hold, known_encoding)
     config = evaluate.resolve_eval_config(preset, config_file)
     chosen = evaluate.select_settings(config, settings)
     out_dir = out_dir or evaluate.default_out_dir(config)
@@ -100,6 +114,7 @@ def eval_command(
         device=device,
         force=force,
         scorer=scorer,
+        prompting=prompting,
     )
     console.print(
         f"evaluating {repo} with preset {config.name}: {', '.join(s.name for s in chosen)} "

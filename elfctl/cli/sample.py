@@ -12,6 +12,32 @@ from ..errors import UserError
 from .app import app, console, handle_errors, out
 from .progress import progress
 
+# Prompting and infilling flags, shared with `elfctl eval` (see prompting_fields).
+PROMPT_OPTION = typer.Option(
+    None,
+    "--prompt",
+    help=(
+        "Fix the first tokens of each sample to this text (repeatable: sample i gets "
+        "prompt i mod the number of prompts)."
+    ),
+)
+PROMPTS_FILE_OPTION = typer.Option(
+    None, "--prompts", help="Prompts from a file: .txt (one per line) or .jsonl ('prompt')."
+)
+INFILL_OPTION = typer.Option(
+    None,
+    "--infill",
+    help="Fill the gaps of a template, e.g. 'the dog [gap:5] the cat .' (repeatable).",
+)
+HOLD_OPTION = typer.Option(
+    None, "--hold", help="How known tokens are held: noised (default) or clean."
+)
+KNOWN_ENCODING_OPTION = typer.Option(
+    None,
+    "--known-encoding",
+    help="How known tokens are encoded: masked (default: one pass) or segments.",
+)
+
 
 @app.command(
     epilog=(
@@ -80,30 +106,11 @@ def sample(
             "validation set, else validation, test or the only split)."
         ),
     ),
-    prompt: list[str] = typer.Option(
-        None,
-        "--prompt",
-        help=(
-            "Fix the first tokens of each sample to this text (repeatable: sample i gets "
-            "prompt i mod the number of prompts)."
-        ),
-    ),
-    prompts_file: Path = typer.Option(
-        None, "--prompts", help="Prompts from a file: .txt (one per line) or .jsonl ('prompt')."
-    ),
-    infill: list[str] = typer.Option(
-        None,
-        "--infill",
-        help="Fill the gaps of a template, e.g. 'the dog [gap:5] the cat .' (repeatable).",
-    ),
-    hold: str = typer.Option(
-        None, "--hold", help="How known tokens are held: noised (default) or clean."
-    ),
-    known_encoding: str = typer.Option(
-        None,
-        "--known-encoding",
-        help="How known tokens are encoded: masked (default: one pass) or segments.",
-    ),
+    prompt: list[str] = PROMPT_OPTION,
+    prompts_file: Path = PROMPTS_FILE_OPTION,
+    infill: list[str] = INFILL_OPTION,
+    hold: str = HOLD_OPTION,
+    known_encoding: str = KNOWN_ENCODING_OPTION,
     trajectory: int = typer.Option(
         0,
         "--trajectory",
@@ -140,7 +147,7 @@ def sample(
             "--length does not apply with --input: conditional samples use the model's "
             "data.max_length."
         )
-    known = _known_options(prompt, prompts_file, infill, hold, known_encoding)
+    known = prompting_fields(prompt, prompts_file, infill, hold, known_encoding)
     out_dir = out_dir or Path("outputs") / time.strftime("sample-%Y%m%d-%H%M%S")
     _check_out_dir(out_dir, force)
 
@@ -271,7 +278,7 @@ def _run(job, loaded, out_dir: Path, what: str, json_out: bool) -> None:
     _summarise(out_dir, info, json_out)
 
 
-def _known_options(
+def prompting_fields(
     prompt: list[str] | None,
     prompts_file: Path | None,
     infill: list[str] | None,

@@ -67,7 +67,7 @@ def test_prompted_rows_start_with_their_prompt_and_record_it(tmp_path, tiny_ckpt
     assert info["prompting"] == {
         "kind": "prompt",
         "count": 2,
-        "hold": "noised",
+        "hold": "clean",
         "known_encoding": "masked",
     }
 
@@ -89,7 +89,7 @@ def test_infilled_rows_keep_the_template_tokens_and_record_the_template(tmp_path
         "--steps",
         3,
         "--hold",
-        "clean",
+        "noised",
         "--known-encoding",
         "segments",
         "--trajectory",
@@ -103,7 +103,7 @@ def test_infilled_rows_keep_the_template_tokens_and_record_the_template(tmp_path
         assert row["meta"]["template"] == template
         assert all(row["tokens"][p] == k for p, k in enumerate(layout.ids) if k is not None)
         assert row["meta"]["trajectory"]["texts"][-1] == row["text"]
-    assert json.loads((out / "run.json").read_text())["prompting"]["hold"] == "clean"
+    assert json.loads((out / "run.json").read_text())["prompting"]["hold"] == "noised"
     shown = invoke("show", out, "--id", 1)
     assert shown.exit_code == 0, shown.output
     assert "step   3" in shown.output and "final" in shown.output

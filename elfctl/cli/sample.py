@@ -30,7 +30,7 @@ INFILL_OPTION = typer.Option(
     help="Fill the gaps of a template, e.g. 'the dog [gap:5] the cat .' (repeatable).",
 )
 HOLD_OPTION = typer.Option(
-    None, "--hold", help="How known tokens are held: noised (default) or clean."
+    None, "--hold", help="How known tokens are held: clean (default, measured best) or noised."
 )
 KNOWN_ENCODING_OPTION = typer.Option(
     None,

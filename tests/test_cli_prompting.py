@@ -133,6 +133,8 @@ def test_a_conditional_model_takes_prompts_after_its_condition(tmp_path, transla
         3,
         "--batch-size",
         2,
+        "--trajectory",
+        2,
         "--out",
         out,
     )
@@ -147,6 +149,8 @@ def test_a_conditional_model_takes_prompts_after_its_condition(tmp_path, transla
     ]
     for row in rows:
         assert row["tokens"][: len(want)] == want and row["meta"]["prompt"] == "lo kanu"
+        texts = row["meta"]["trajectory"]["texts"]  # target side only, prompt kept
+        assert texts[-1] == row["text"] and all(t.startswith("lo kanu") for t in texts)
 
 
 @pytest.mark.parametrize(

@@ -89,9 +89,14 @@ def main() -> None:
             f"denoiser + {c.decodes // batches} decode forwards"
         )
     predicted = (args.steps + 1) / (args.steps + 1 + args.k)
+    paired = [b / a for a, b in zip(rates[0], rates[args.k], strict=True)]
     print(
-        f"  ratio on/off: {on / off:.3f} of the speed (a decode costs about a denoiser forward: "
-        f"predicted {predicted:.3f} = {args.steps + 1}/{args.steps + 1 + args.k})"
+        f"  speed on/off: {statistics.median(paired):.3f} (median of the rounds' ratios "
+        f"{', '.join(f'{r:.3f}' for r in paired)}; ratio of medians {on / off:.3f})"
+    )
+    print(
+        f"  predicted if a decode forward costs what a denoiser forward does: {predicted:.3f} "
+        f"= {args.steps + 1}/{args.steps + 1 + args.k}"
     )
 
 

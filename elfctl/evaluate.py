@@ -210,13 +210,16 @@ def load_for_eval(
     config: Config,
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
+    for_prompting: bool = False,
 ) -> LoadedModel:
     """The model with the evaluation config: the preset's data and sampling settings, the
     checkpoint's network (and, for our own checkpoints, latent space); conditional presets
-    also get the frozen encoder."""
+    and prompted runs also get the frozen encoder."""
     from .runs import load_for_sampling
 
-    return load_for_sampling(source, config, tokenizer, device, config.data.conditional)
+    return load_for_sampling(
+        source, config, tokenizer, device, config.data.conditional, for_prompting
+    )
 
 
 def validation_pairs(config: Config, n: int) -> Sources:
@@ -290,6 +293,9 @@ class EvalRequest:
     seeds: list[int] | None = None  # every setting once per seed (mean +- standard error)
     grid: str = "per-sample"
     procs: Any = None  # distributed.Processes; None: this process alone
+    # SampleJob's prompting fields (prompts or templates, hold, known_encoding), if any:
+    # every setting's samples are then prompted or infilled alike.
+    prompting: dict[str, Any] = field(default_factory=dict)
 
 
 def run_eval(
@@ -316,7 +322,9 @@ def run_eval(
     seeds = request.seeds if request.seeds is not None else [request.seed]
     by_seed = request.seeds is not None
 
-    loaded = load_for_eval(request.source, config, request.tokenizer, request.device)
+    loaded = load_for_eval(
+        request.source, config, request.tokenizer, request.device, bool(request.prompting)
+    )
     procs = request.procs or Processes(device=next(loaded.model.parameters()).device)
     config = loaded.config  # the checkpoint's network inside the preset's settings
     sources = None
@@ -352,6 +360,7 @@ def run_eval(
                 condition_ids=sources.token_ids[:n] if sources is not None else None,
                 meta={"eval": {"preset": config.name, "setting": setting.name}, **request.meta},
                 grid=request.grid,
+                **request.prompting,
             )
             finished = None if request.force else job.finished(loaded, run_dir)
             planned.append(

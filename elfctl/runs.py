@@ -52,12 +52,14 @@ def load_for_sampling(
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
     with_encoder: bool = False,
+    for_prompting: bool = False,
 ) -> LoadedModel:
     """The EMA model, its tokenizer and the config that describes it.
 
     See `checkpoint_config` for how the checkpoint and `preset` (a name or a Config)
     combine. `with_encoder` also loads the frozen encoder of `config.encoder`, which
-    only conditional sampling needs.
+    only conditional sampling needs; `for_prompting` loads it for any model (prompts and
+    infill templates need their clean latents).
     """
     from .encoder import load_encoder, load_tokenizer
 
@@ -73,8 +75,9 @@ def load_for_sampling(
             "--tokenizer."
         )
     encoder = None
-    if with_encoder:
-        check_conditional(config, source)
+    if with_encoder or for_prompting:
+        if with_encoder:
+            check_conditional(config, source)
         encoder = load_encoder(config.encoder, device)
         if encoder.width != config.model.latent_dim:
             raise UserError(
@@ -157,6 +160,12 @@ class SampleJob:
     condition_ids: list[list[int] | None] | None = None  # a dataset's own ids per source
     meta: dict = field(default_factory=dict)
     grid: str = "per-sample"  # "per-batch": the official port's one time grid per batch
+    # Prompting / infilling (`prompting`): row i holds prompts[i % len] or templates[i % len].
+    prompts: list[str] | None = None
+    templates: list[str] | None = None
+    hold: str | None = None  # default: prompting.DEFAULT_HOLD
+    known_encoding: str | None = None  # default: prompting.DEFAULT_ENCODING
+    trajectory: int = 0  # record x_hat's text at this many evenly spaced steps
 
     # ------------------------------------------------------------------ resuming
 
@@ -181,6 +190,10 @@ class SampleJob:
             "dtype": self.precision_for(loaded).name,
             "device_type": device.type,
             "sources_sha256": sources,
+            "prompts": self.prompts,
+            "templates": self.templates,
+            **(self._known_options() if self._known_given() else {}),
+            "trajectory": self.trajectory,
         }
 
     def plan(self, loaded: LoadedModel, out_dir: Path, resume: str = "auto") -> SamplePlan:
@@ -191,6 +204,7 @@ class SampleJob:
         are discarded when `run` starts).
         """
         device = next(loaded.model.parameters()).device
+        self._layouts(loaded)  # prompts and templates must fit before anything is written
         unfinished = Path(out_dir) / UNFINISHED_DIR
         done: set[int] = set()
         if resume != "never" and (unfinished / JOB_FILE).exists():
@@ -290,7 +304,7 @@ class SampleJob:
         cond = None
         if self.conditions is not None or condition is not None:
             cond = self._batch_condition(loaded, ids, condition)
-        tokens = sample_batch(
+        out = sample_batch(
             net,
             sampler_settings(self.setting),
             ids,
@@ -301,7 +315,10 @@ class SampleJob:
             self.precision_for(loaded).sampling,
             pad_id=_token_id(loaded.tokenizer.pad_token_id, 0),
             eos_id=_token_id(loaded.tokenizer.eos_token_id, 1),
+            known=self._batch_known(loaded, ids),
+            trajectory=self.trajectory,
         )
+        tokens, trajectories = out.tokens, out.trajectories or [None] * len(ids)
         texts = detokenize(loaded.tokenizer, tokens)
         return [
             records.sample_row(
@@ -311,9 +328,94 @@ class SampleJob:
                 condition=self.conditions[i] if self.conditions else None,
                 reference=self.references[i] if self.references else None,
                 seed=self.seed,
+                meta=self._row_meta(loaded, i, trajectory),
             )
-            for i, text, row_tokens in zip(ids, texts, tokens, strict=True)
+            for i, text, row_tokens, trajectory in zip(
+                ids, texts, tokens, trajectories, strict=True
+            )
         ]
+
+    # ------------------------------------------------------------------ prompting
+
+    def _known_given(self) -> list[str] | None:
+        return self.prompts or self.templates
+
+    def _known_options(self) -> dict:
+        from .prompting import DEFAULT_ENCODING, DEFAULT_HOLD
+
+        return {
+            "hold": self.hold or DEFAULT_HOLD,
+            "known_encoding": self.known_encoding or DEFAULT_ENCODING,
+        }
+
+    def _layouts(self, loaded: LoadedModel) -> list:
+        """Parsed prompts or templates, checked to fit in the output tokens ([] if none)."""
+        if not self._known_given():
+            return []
+        from .prompting import check_fits, layouts_for
+
+        data = loaded.config.data
+        conditional = self.conditions is not None
+        budget = data.max_length - data.max_input_length if conditional else self.length
+        layouts = layouts_for(loaded.tokenizer, self.prompts, self.templates)
+        check_fits(layouts, budget)
+        return layouts
+
+    def _batch_known(self, loaded: LoadedModel, ids: list[int]):
+        """The known tokens of one batch (`prompting.KnownTokens`), or None."""
+        layouts = self._layouts(loaded)
+        if not layouts:
+            return None
+        from .prompting import known_tokens
+
+        if loaded.encoder is None:
+            raise ValueError("prompting needs load_for_sampling(..., for_prompting=True)")
+        options = self._known_options()
+        data = loaded.config.data
+        conditional = self.conditions is not None
+        return known_tokens(
+            loaded.encoder,
+            loaded.tokenizer,
+            [layouts[i % len(layouts)] for i in ids],
+            data.max_length if conditional else self.length,
+            hold=options["hold"],
+            encoding=options["known_encoding"],
+            sources=[self.conditions[i] for i in ids] if conditional else None,
+            max_input_length=data.max_input_length,
+            pad_token=data.pad_token,
+            device=next(loaded.model.parameters()).device,
+            token_ids=[self.condition_ids[i] for i in ids]
+            if conditional and self.condition_ids
+            else None,
+        )
+
+    def _row_meta(self, loaded: LoadedModel, i: int, trajectory: dict | None) -> dict:
+        """A row's prompt or template, and its trajectory when one was recorded."""
+        meta = {}
+        given = self._known_given()
+        if given:
+            meta["prompt" if self.prompts else "template"] = given[i % len(given)]
+        if trajectory is not None:
+            texts = detokenize(loaded.tokenizer, trajectory["tokens"])
+            meta["trajectory"] = {
+                "steps": trajectory["steps"],
+                "t": trajectory["t"],
+                "texts": texts,
+            }
+        return meta
+
+    def _prompting_info(self) -> dict:
+        info = {}
+        given = self._known_given()
+        if given:
+            info["prompting"] = {
+                "kind": "prompt" if self.prompts else "infill",
+                "count": len(given),
+                **self._known_options(),
+            }
+        if self.trajectory:
+            info["trajectory"] = {"k": self.trajectory}
+        return info
 
     def precision_for(self, loaded: LoadedModel) -> Precision:
         """The precision this job samples in: `precision.resolve_sampling` of --precision
@@ -405,6 +507,7 @@ class SampleJob:
             ],
             "meta": self.meta,
             "setting_full": asdict(self.setting),
+            **self._prompting_info(),
         }
         if self.conditions is not None:
             from .conditions import condition_ids_used, count_truncated

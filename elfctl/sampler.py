@@ -57,6 +57,16 @@ def setting_kwargs(setting) -> dict:
 class Generation:
     tokens: list[list[int]]  # per sample, eos and everything after it removed
     texts: list[str]
+    # per sample, with trajectory=K: {"steps", "t", "tokens", "texts"} of each recorded step
+    trajectories: list[dict] | None = None
+
+
+@dataclass
+class BatchSamples:
+    """One batch's output ids, and its trajectories when they were recorded."""
+
+    tokens: list[list[int]]
+    trajectories: list[dict] | None = None  # per row {"steps", "t", "tokens"}
 
 
 def autocast_context(device: torch.device, precision: str | None):
@@ -122,6 +132,8 @@ def sample_latents(
     noise: torch.Tensor,
     generator: torch.Generator | SampleStreams | None = None,
     condition: Condition | None = None,
+    known=None,
+    recorder: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Integrate from z = s * noise at t = 0 to t = 1; returns the final z (B, S, C).
 
@@ -129,6 +141,8 @@ def sample_latents(
     `generator` is where the time grid and the churn noise come from: a
     `streams.SampleStreams` (each sample its own stream, so its own grid), or one
     torch.Generator for the whole batch (the official port's draws: one grid per batch).
+    `known` (a `prompting.KnownTokens`) holds known tokens wherever z or x_hat is set;
+    `recorder(step, t, x_hat)` is called after every step (see `trajectory`).
     """
     device, B = noise.device, noise.shape[0]
     s, t_eps = settings.noise_scale, model.cfg.t_eps
@@ -138,19 +152,29 @@ def sample_latents(
     )
     times = grids.T.contiguous()  # (N+1, B): times[i] is step i's time of every row
     sc_scale = torch.full((B,), float(settings.sc_cfg), device=device)
-    z = restore(s * noise, condition)
+
+    def hold(z, t):
+        z = restore(z, condition)
+        return z if known is None else known.apply(z, t, noise, s)
+
+    z = hold(s * noise, times[0])
     x_prev = restore(torch.zeros_like(z), condition)
+    x_prev = x_prev if known is None else known.x_hat(x_prev)
     for i in range(settings.steps):
         t, t_next = times[i], times[i + 1]
         if settings.method == "sde" and i < settings.steps - 1:
             eps = draws.normal(z.shape[1:])
             z, t = flow.sde_back(z, t, t_next, settings.gamma, s, eps)
-            z = restore(z, condition)
+            z = hold(z, t)
         elif settings.method not in ("sde", "ode"):
             raise ValueError(f"unknown sampler {settings.method!r}")
         x_hat, v = denoise(model, z, x_prev, t, sc_scale, settings.cfg, condition, t_eps)
-        z = restore(flow.ode_step(z, v, t, t_next), condition)
+        if known is not None:
+            x_hat = known.x_hat(x_hat)
+        z = hold(flow.ode_step(z, v, t, t_next), t_next)
         x_prev = x_hat
+        if recorder is not None:
+            recorder(i, t, x_hat)
     return z
 
 
@@ -207,6 +231,13 @@ def generate(
     on_batch: Callable[[int], None] | None = None,
     grid: str = "per-sample",
     first_id: int = 0,
+    prompt: str | Sequence[str] | None = None,
+    infill: str | Sequence[str] | None = None,
+    encoder=None,
+    hold: str | None = None,
+    known_encoding: str | None = None,
+    known=None,
+    trajectory: int = 0,
 ) -> Generation:
     """Sample `num_samples` texts, ids first_id, first_id + 1, ...
 
@@ -215,6 +246,13 @@ def generate(
     batch as the official port does (keyed by the batch's first id). An explicit `noise`
     (B, S, C) fixes the start exactly. With a condition, `num_samples` and `length` come
     from it and outputs are the target part only.
+
+    `prompt` (a text, or one per sample, cycled) fixes each sample's first tokens;
+    `infill` (templates with `[gap:N]`) fixes tokens around gaps. Both need the frozen
+    `encoder` for the known tokens' clean latents; `hold` and `known_encoding` choose how
+    they are held and encoded (see `prompting`). `known` passes ready `KnownTokens` for
+    all samples instead (e.g. built with `prompting.known_tokens(..., sources=...)` for a
+    conditional model). `trajectory=K` also decodes x_hat at K evenly spaced steps.
     """
     device = next(model.parameters()).device
     settings = SamplerSettings(steps, method, gamma, sc_cfg, cfg, time_schedule, noise_scale)
@@ -227,19 +265,79 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1
 
+    layouts = _prompt_layouts(tokenizer, prompt, infill, condition, known, encoder, length)
     all_tokens: list[list[int]] = []
+    trajectories: list[dict] | None = [] if trajectory else None
     for start in range(0, num_samples, batch_size):
         end = min(start + batch_size, num_samples)
         ids = range(first_id + start, first_id + end)
         eps = None if noise is None else noise[start:end].to(device=device, dtype=torch.float32)
         cond = _slice_condition(condition, start, end, device)
-        tokens = sample_batch(
-            net, settings, ids, seed, length, cond, grid, precision, eps, pad_id, eos_id
+        held = known.slice(start, end, device) if known is not None else None
+        if layouts:
+            from .prompting import known_tokens
+
+            rows = [layouts[i % len(layouts)] for i in range(start, end)]
+            held = known_tokens(
+                encoder,
+                tokenizer,
+                rows,
+                length,
+                device=device,
+                **_known_options(hold, known_encoding),
+            )
+        out = sample_batch(
+            net,
+            settings,
+            ids,
+            seed,
+            length,
+            cond,
+            grid,
+            precision,
+            eps,
+            pad_id,
+            eos_id,
+            known=held,
+            trajectory=trajectory,
         )
-        all_tokens.extend(tokens)
+        all_tokens.extend(out.tokens)
+        if trajectories is not None:
+            trajectories.extend(out.trajectories)
         if on_batch is not None:
             on_batch(end - start)
-    return Generation(tokens=all_tokens, texts=detokenize(tokenizer, all_tokens))
+    for record in trajectories or []:
+        record["texts"] = detokenize(tokenizer, record["tokens"])
+    texts = detokenize(tokenizer, all_tokens)
+    return Generation(tokens=all_tokens, texts=texts, trajectories=trajectories)
+
+
+def _known_options(hold: str | None, encoding: str | None) -> dict:
+    from .prompting import DEFAULT_ENCODING, DEFAULT_HOLD
+
+    return {"hold": hold or DEFAULT_HOLD, "encoding": encoding or DEFAULT_ENCODING}
+
+
+def _prompt_layouts(tokenizer, prompt, infill, condition, known, encoder, length) -> list:
+    """The parsed prompts or templates of a generate() call (checked to fit), or []."""
+    if prompt is None and infill is None:
+        return []
+    from .prompting import check_fits, layouts_for
+
+    if known is not None:
+        raise ValueError("give prompt/infill or known, not both")
+    if condition is not None:
+        raise ValueError(
+            "prompting a conditional model needs the sources: pass "
+            "known=prompting.known_tokens(..., sources=...)"
+        )
+    if encoder is None:
+        raise ValueError("prompt and infill need the frozen encoder (encoder=...)")
+    as_list = [prompt] if isinstance(prompt, str) else prompt
+    templates = [infill] if isinstance(infill, str) else infill
+    layouts = layouts_for(tokenizer, as_list, templates)
+    check_fits(layouts, length)
+    return layouts
 
 
 def sample_batch(
@@ -254,24 +352,55 @@ def sample_batch(
     noise: torch.Tensor | None = None,
     pad_id: int = 0,
     eos_id: int = 1,
-) -> list[list[int]]:
+    known=None,
+    trajectory: int = 0,
+) -> BatchSamples:
     """The token ids of samples `ids` (one batch): sample_latents -> decode -> cut.
 
     Each row's noise, grid and churn come from its own stream (seed, id); `noise`
-    replaces the drawn initial noise.
+    replaces the drawn initial noise. `known` (`prompting.KnownTokens`) holds known tokens
+    and writes them back into the output; `trajectory=K` also decodes x_hat at K evenly
+    spaced steps (one extra decode forward each).
     """
     device = next(net.parameters()).device
     streams = SampleStreams(seed, ids, device, grid)
     eps = streams.normal((length, net.cfg.latent_dim))  # drawn even if replaced: same streams
     if noise is not None:
         eps = noise
+    recorder = None
+    if trajectory:
+        from .trajectory import TrajectoryRecorder
+
+        recorder = TrajectoryRecorder(
+            settings.steps, trajectory, lambda x: decode(net, x, settings.sc_cfg)
+        )
     with autocast_context(device, precision):
-        z = sample_latents(net, settings, eps, streams, condition)
+        z = sample_latents(net, settings, eps, streams, condition, known, recorder)
         tokens = decode(net, z, settings.sc_cfg)
-    if condition is not None:
-        tokens = shift_condition(tokens, condition, pad_id)
-    tokens = mask_after_eos(tokens, eos_id, pad_id)
-    return [strip_pad(row, pad_id) for row in tokens.tolist()]
+
+    def cut(tokens: torch.Tensor) -> list[list[int]]:
+        """Decoded ids (B, S) -> each sample's output ids (known tokens kept)."""
+        if known is not None:
+            tokens = known.finish(tokens, eos_id, pad_id)
+        if condition is not None:
+            tokens = shift_condition(tokens, condition, pad_id)
+        tokens = mask_after_eos(tokens, eos_id, pad_id)
+        return [strip_pad(row, pad_id) for row in tokens.tolist()]
+
+    if recorder is None:
+        return BatchSamples(cut(tokens))
+    times, frames = recorder.frames()  # (K, B) times, (K, B, S) ids
+    per_step = [cut(frame) for frame in frames]
+    steps = [i + 1 for i in recorder.steps]
+    trajectories = [
+        {
+            "steps": steps,
+            "t": [row_times[b] for row_times in times],
+            "tokens": [step_rows[b] for step_rows in per_step],
+        }
+        for b in range(len(ids))
+    ]
+    return BatchSamples(cut(tokens), trajectories)
 
 
 def detokenize(tokenizer, tokens: list[list[int]]) -> list[str]:

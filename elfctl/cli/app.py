@@ -42,8 +42,8 @@ def _root(
 
 
 def fail(message: str, code: int = 2) -> None:
-    # escape: a message may hold brackets ("pip install 'elfctl[wandb]'", paths) that rich
-    # would otherwise swallow as markup.
+    # escape: a message may hold brackets ("pip install 'elfctl[wandb]'", an infill
+    # template's [gap:5], paths) that rich would otherwise swallow as markup.
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 

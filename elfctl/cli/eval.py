@@ -11,6 +11,14 @@ import typer
 
 from ..errors import UserError
 from .app import app, console, handle_errors, out
+from .sample import (
+    HOLD_OPTION,
+    INFILL_OPTION,
+    KNOWN_ENCODING_OPTION,
+    PROMPT_OPTION,
+    PROMPTS_FILE_OPTION,
+    prompting_fields,
+)
 
 LOG_WIDTH = 400  # the table's width limit when stdout is not a terminal
 
@@ -112,6 +120,11 @@ def eval_command(
     json_out: bool = typer.Option(
         False, "--json", help="Print eval.json on stdout (the table goes to stderr)."
     ),
+    prompt: list[str] = PROMPT_OPTION,
+    prompts_file: Path = PROMPTS_FILE_OPTION,
+    infill: list[str] = INFILL_OPTION,
+    hold: str = HOLD_OPTION,
+    known_encoding: str = KNOWN_ENCODING_OPTION,
 ) -> None:
     """Paper-table rows for a preset (help text: EVAL_HELP)."""
     from .. import evaluate
@@ -127,6 +140,7 @@ def eval_command(
     if seeds is not None and seed != 0:
         raise UserError("Pass --seed or --seeds, not both.")
     seed_list = evaluate.parse_seeds(seeds) if seeds is not None else None
+    prompting = prompting_fields(prompt, prompts_file, infill, hold, known_encoding)
     config = evaluate.resolve_eval_config(preset, config_file)
     chosen = evaluate.select_settings(config, settings)
     kinds = evaluate.parse_metrics(metrics) if metrics is not None else None
@@ -155,6 +169,7 @@ def eval_command(
         seeds=seed_list,
         grid=grid,
         procs=procs,
+        prompting=prompting,
     )
     console.print(
         f"evaluating {repo} with preset {config.name}: {', '.join(s.name for s in chosen)} "

@@ -12,6 +12,32 @@ from ..errors import UserError
 from .app import app, console, handle_errors, out, quiet_unless_main
 from .progress import progress
 
+# Prompting and infilling flags, shared with `elfctl eval` (see prompting_fields).
+PROMPT_OPTION = typer.Option(
+    None,
+    "--prompt",
+    help=(
+        "Fix the first tokens of each sample to this text (repeatable: sample i gets "
+        "prompt i mod the number of prompts)."
+    ),
+)
+PROMPTS_FILE_OPTION = typer.Option(
+    None, "--prompts", help="Prompts from a file: .txt (one per line) or .jsonl ('prompt')."
+)
+INFILL_OPTION = typer.Option(
+    None,
+    "--infill",
+    help="Fill the gaps of a template, e.g. 'the dog [gap:5] the cat .' (repeatable).",
+)
+HOLD_OPTION = typer.Option(
+    None, "--hold", help="How known tokens are held: clean (default, measured best) or noised."
+)
+KNOWN_ENCODING_OPTION = typer.Option(
+    None,
+    "--known-encoding",
+    help="How known tokens are encoded: masked (default: one pass) or segments.",
+)
+
 
 @app.command(
     epilog=(
@@ -21,7 +47,11 @@ from .progress import progress
         "  elfctl sample --repo ckpts/checkpoint_95000 --preset owt-b --setting sde-64\n\n"
         "  elfctl sample --repo runs/tiny-translate --input sources.jsonl --out outputs/tt\n\n"
         "  elfctl sample --repo ckpts/de-en --preset de-en-b "
-        "--input embedded-language-flows/wmt14_de-en_validation_t5 --num-samples 1000"
+        "--input embedded-language-flows/wmt14_de-en_validation_t5 --num-samples 1000\n\n"
+        "  elfctl sample --repo runs/tiny --prompt 'the dog' --num-samples 8\n\n"
+        "  elfctl sample --repo runs/tiny --infill 'the [gap:2] dog [gap:3] .'\n\n"
+        "  elfctl sample --repo runs/tiny --num-samples 4 --trajectory 8 --out outputs/traj "
+        "&& elfctl show outputs/traj"
     )
 )
 @handle_errors
@@ -100,8 +130,24 @@ def sample(
             "validation set, else validation, test or the only split)."
         ),
     ),
+    prompt: list[str] = PROMPT_OPTION,
+    prompts_file: Path = PROMPTS_FILE_OPTION,
+    infill: list[str] = INFILL_OPTION,
+    hold: str = HOLD_OPTION,
+    known_encoding: str = KNOWN_ENCODING_OPTION,
+    trajectory: int = typer.Option(
+        0,
+        "--trajectory",
+        min=0,
+        help="Record the text x_hat decodes to at K evenly spaced steps (see elfctl show).",
+    ),
 ) -> None:
     """Sample texts from an ELF checkpoint (defaults: the preset's official settings).
+
+    --prompt / --prompts fix a prefix and --infill fixes the tokens around [gap:N] gaps, for
+    unconditional and conditional models alike; known tokens come back unchanged and each
+    row records its prompt or template in `meta`. Without --num-samples, one prompt or
+    template gets the setting's number of samples and several get one sample each.
 
     With --input, the model is conditioned on each source in turn (a conditional model:
     its own run config or a conditional --preset); rows carry `condition` and, where the
@@ -129,6 +175,7 @@ def sample(
             "--length does not apply with --input: conditional samples use the model's "
             "data.max_length."
         )
+    known = prompting_fields(prompt, prompts_file, infill, hold, known_encoding)
     out_dir = out_dir or Path("outputs") / time.strftime("sample-%Y%m%d-%H%M%S")
     _check_out_dir(out_dir, force)
     if input is not None:
@@ -139,7 +186,12 @@ def sample(
     procs = processes(cpu)
     quiet_unless_main(procs)
     loaded = load_for_sampling(
-        repo, preset, tokenizer, procs.device, with_encoder=input is not None
+        repo,
+        preset,
+        tokenizer,
+        procs.device,
+        with_encoder=input is not None,
+        for_prompting=bool(known),
     )
     base = sampling_setting(loaded.config, setting)
     chosen = dataclasses.replace(
@@ -175,9 +227,11 @@ def sample(
             json_out=json_out,
             grid=grid,
             run_options=(procs, "never" if force else "must" if resume else "auto"),
+            extra=dict(known, trajectory=trajectory),
         )
         return
-    n = num_samples or chosen.num_samples
+    given = known.get("prompts") or known.get("templates") or []
+    n = num_samples or (len(given) if len(given) > 1 else chosen.num_samples)
     job = SampleJob(
         setting=chosen,
         num_samples=n,
@@ -187,6 +241,8 @@ def sample(
         precision=precision,
         compile=compile,
         grid=grid,
+        trajectory=trajectory,
+        **known,
     )
     what = f"{n} x {job.length} tokens from {repo}"
     _run(
@@ -218,6 +274,7 @@ def _sample_from_sources(
     json_out: bool,
     grid: str,
     run_options: tuple,
+    extra: dict,
 ) -> None:
     from ..conditions import count_truncated, read_source_rows
     from ..runs import SampleJob
@@ -241,6 +298,7 @@ def _sample_from_sources(
         references=references if any(r is not None for r in references) else None,
         condition_ids=rows.token_ids,
         meta={"input": input, "source_field": source_field, "reference_field": reference_field},
+        **extra,
     )
     cut = count_truncated(loaded.tokenizer, sources, data.max_input_length, rows.token_ids)
     if cut:
@@ -278,6 +336,35 @@ def _run(job, loaded, out_dir: Path, what: str, json_out: bool, procs, resume: s
         info = job.run(loaded, out_dir, on_batch=advance, procs=procs, plan=plan, resume=resume)
     if procs.is_main:
         _summarise(out_dir, info, json_out)
+
+
+def prompting_fields(
+    prompt: list[str] | None,
+    prompts_file: Path | None,
+    infill: list[str] | None,
+    hold: str | None,
+    known_encoding: str | None,
+) -> dict:
+    """SampleJob's prompting fields from the flags ({} without prompts or templates)."""
+    from ..prompting import ENCODINGS, HOLDS, read_prompts
+
+    if hold is not None and hold not in HOLDS:
+        raise UserError(f"--hold must be noised or clean, got '{hold}'.")
+    if known_encoding is not None and known_encoding not in ENCODINGS:
+        raise UserError(f"--known-encoding must be masked or segments, got '{known_encoding}'.")
+    prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
+    if prompts and infill:
+        raise UserError("--prompt/--prompts and --infill cannot be combined; choose one.")
+    if not prompts and not infill:
+        if hold is not None or known_encoding is not None:
+            raise UserError("--hold and --known-encoding need --prompt, --prompts or --infill.")
+        return {}
+    return {
+        "prompts": prompts or None,
+        "templates": list(infill) if infill else None,
+        "hold": hold,
+        "known_encoding": known_encoding,
+    }
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:

@@ -113,10 +113,18 @@ def run_sweep(
     info: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
     log: LogFn | None = None,
+    procs=None,
 ) -> dict[str, Any]:
     """Sample `setting` at each step count and seed, score every run with each scorer kind
-    (`gen_ppl`, `mauve`) once over all runs, write and return sweep.json (no plot)."""
+    (`gen_ppl`, `mauve`) once over all runs, write and return sweep.json (no plot).
+
+    Under several processes (`procs`, a `distributed.Processes`) each samples its share of
+    every run's batches (the samples do not depend on the split) and the main process
+    writes sweep.json."""
+    from .distributed import Processes
     from .runs import SampleJob
+
+    procs = procs or Processes(device=next(loaded.model.parameters()).device)
 
     log = log or (lambda message: None)
     progress = progress or _no_progress
@@ -125,7 +133,7 @@ def run_sweep(
     for n_steps in steps:
         for seed in seeds:
             directory = run_dir(out_dir, n_steps, seed)
-            if force:  # the old metrics describe samples that are about to be replaced
+            if force and procs.is_main:  # old metrics describe samples about to be replaced
                 (directory / records.METRICS_FILE).unlink(missing_ok=True)
             job = SampleJob(
                 setting=dataclasses.replace(setting, steps=n_steps),
@@ -139,7 +147,8 @@ def run_sweep(
             )
             log(f"steps {n_steps}, seed {seed}: sampling {num_samples} x {length} tokens")
             with progress(f"sampling {n_steps} steps, seed {seed}", num_samples, "samples") as adv:
-                run_info = job.run(loaded, directory, on_batch=adv)
+                resume = "never" if force else "auto"
+                run_info = job.run(loaded, directory, on_batch=adv, procs=procs, resume=resume)
             runs.append((n_steps, seed, directory, run_info))
 
     by_dir: dict[str, list[dict[str, Any]]] = {_key(d): [] for _, _, d, _ in runs}
@@ -166,7 +175,8 @@ def run_sweep(
         "rows": rows,
         "paper": PAPER_ELF_B if paper else None,
     }
-    records.atomic_write_json(out_dir / SWEEP_FILE, summary)
+    if procs.is_main:
+        records.atomic_write_json(out_dir / SWEEP_FILE, summary)
     return summary
 
 

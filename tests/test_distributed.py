@@ -136,3 +136,23 @@ def test_eval_with_seeds_on_two_processes_equals_one_process(tmp_path, files):
         assert row_two["metrics"][name]["stderr"] == pytest.approx(
             row_one["metrics"][name]["stderr"], rel=1e-5
         )
+
+
+@pytest.mark.slow
+def test_a_sweep_on_two_processes_writes_the_table_of_one_process(tmp_path, files):
+    ckpt, tok, scorer = files
+    args = ["sweep", "--repo", ckpt, "--tokenizer", tok, "--steps", "2,3", "--seeds", "0,1"]
+    args += ["--num-samples", 5, "--length", 8, "--batch-size", 2, "--scorer", scorer, "--cpu"]
+    one = runner.invoke(app, [str(a) for a in args + ["--out", tmp_path / "one"]])
+    assert one.exit_code == 0, one.output
+    two = launch(*args, "--out", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stdout + two.stderr
+    tables = [json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two")]
+    for row_one, row_two in zip(tables[0]["rows"], tables[1]["rows"], strict=True):
+        for name, entry in row_one["metrics"].items():
+            assert row_two["metrics"][name]["values"] == pytest.approx(entry["values"], rel=1e-6)
+        for d_one, d_two in zip(row_one["run_dirs"], row_two["run_dirs"], strict=True):
+            assert (Path(d_one) / "samples.jsonl").read_bytes() == (
+                Path(d_two) / "samples.jsonl"
+            ).read_bytes()
+    assert (tmp_path / "two" / "sweep.png").exists()

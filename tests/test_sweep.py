@@ -95,6 +95,11 @@ def test_sweep_writes_a_png_that_opens(tmp_path, model):
     # Another command (elfctl show) can redraw it from the directory alone.
     again = sweep.plot(sweep.load(tmp_path / "sw"), tmp_path / "again.png", paper=False)
     assert imread(again).shape == image.shape
+    shown = CliRunner().invoke(
+        app, ["show", str(tmp_path / "sw"), "--out", str(tmp_path / "s.png")]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "paper Gen PPL" in shown.stdout and imread(tmp_path / "s.png").shape == image.shape
 
 
 def test_sweep_with_references_adds_mauve_as_score_mauve_scores_it(tmp_path, model):

@@ -16,15 +16,21 @@ from .app import app, console, handle_errors
         "  elfctl sample --repo runs/tiny --num-samples 4 --trajectory 8 --out outputs/traj\n\n"
         "  elfctl show outputs/traj                 # every sample, step by step\n\n"
         "  elfctl show outputs/traj --id 2 --out trajectory.png\n\n"
-        "  elfctl show outputs/traj --id 2 --out trajectory.gif"
+        "  elfctl show outputs/traj --id 2 --out trajectory.gif\n\n"
+        "  elfctl show outputs/sweep-tiny --out sweep.png   # a sweep's table, re-plotted"
     )
 )
 @handle_errors
 def show(
-    samples_dir: Path = typer.Argument(..., help="A sample run directory or samples.jsonl."),
+    samples_dir: Path = typer.Argument(
+        ..., help="A sample run directory, samples.jsonl, or a sweep directory (sweep.json)."
+    ),
     sample_id: int = typer.Option(None, "--id", help="Only the sample with this id."),
     out: Path = typer.Option(
-        None, "--out", help="Draw the trajectory of --id to a .png or .gif (needs elfctl[plot])."
+        None,
+        "--out",
+        help="Draw the trajectory of --id to a .png or .gif, or a sweep's plot to a .png "
+        "(needs elfctl[plot]).",
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
     limit: int = typer.Option(
@@ -34,7 +40,8 @@ def show(
     """Show a sample run: each sample's text and, when recorded, how it formed from noise.
 
     A trajectory (`elfctl sample --trajectory K`) is shown as one line per recorded step
-    with the words that changed since the step before highlighted.
+    with the words that changed since the step before highlighted. A sweep directory
+    (`elfctl sweep`) shows its table and where its plot is; --out draws the plot again.
     """
     from ..show import PLOT_SUFFIXES, draw_trajectory, load_rows, pick, trajectory_of
 
@@ -43,6 +50,9 @@ def show(
             raise UserError(f"--out {out}: expected a .png or .gif file.")
         if out.exists() and not force:
             raise UserError(f"{out} already exists; pass --force or another --out.")
+    if (samples_dir / "sweep.json").is_file():
+        _show_sweep(samples_dir, out)
+        return
     rows = pick(load_rows(samples_dir), sample_id)
     if out is not None:
         if sample_id is None and len(rows) > 1:
@@ -83,3 +93,17 @@ def _print_row(row: dict, trajectory) -> None:
             line.append(" ")
         console.print(line)
     console.print(Text(f"  final          {row['text']}", style="bold"))
+
+
+def _show_sweep(directory: Path, out: Path | None) -> None:
+    from .. import sweep
+    from .sweep import report
+
+    summary = sweep.load(directory)
+    report(summary, json_out=False)
+    if out is not None:
+        if out.suffix != ".png":
+            raise UserError(f"--out {out}: a sweep is drawn to a .png file.")
+        console.print(f"wrote {sweep.plot(summary, out)}", highlight=False)
+    elif (directory / sweep.PLOT_FILE).exists():
+        console.print(f"plot: {directory / sweep.PLOT_FILE}", highlight=False)

@@ -92,11 +92,11 @@ def sweep_command(
     import dataclasses
     import time
 
-    from accelerate import PartialState
-
     from .. import sweep
     from ..config import sampling_setting
+    from ..distributed import processes
     from ..runs import load_for_sampling
+    from .app import quiet_unless_main
     from .progress import progress
 
     if sampler is not None and sampler not in ("ode", "sde"):
@@ -118,7 +118,9 @@ def sweep_command(
         require_mauve()  # before the sampling, not after
         reference_texts = load_references(references, reference_field, None, num_references)
 
-    device = PartialState(cpu=cpu).device
+    procs = processes(cpu)  # under accelerate launch, each process samples a share
+    quiet_unless_main(procs)
+    device = procs.device
     loaded = load_for_sampling(repo, preset, tokenizer, device)
     if loaded.config.data.conditional:
         raise UserError(
@@ -153,6 +155,7 @@ def sweep_command(
             reference_texts,
             references,
             mauve_model or scorer,
+            procs.is_main,
         ),
         kinds=kinds,
         num_samples=n,
@@ -165,9 +168,12 @@ def sweep_command(
         info={"repo": repo, "scorer": scorer, "references": references},
         progress=progress,
         log=lambda message: console.print(message, highlight=False),
+        procs=procs,
     )
+    if not procs.is_main:
+        return
     png = sweep.plot(summary, out_dir / sweep.PLOT_FILE)
-    _report(summary, json_out)
+    report(summary, json_out)
     console.print(f"wrote {out_dir / sweep.SWEEP_FILE} and {png}", highlight=False)
 
 
@@ -177,8 +183,9 @@ def parse_seeds(text: str) -> list[int]:
     return parse_int_list(text, "--seeds")
 
 
-def _scorer(model, batch_size, cpu, reference_texts, references_name, mauve_model):
-    """The score-ppl / score-mauve functions, so a sweep's numbers are theirs."""
+def _scorer(model, batch_size, cpu, reference_texts, references_name, mauve_model, write):
+    """The score-ppl / score-mauve functions, so a sweep's numbers are theirs (Gen PPL is
+    shared by the processes; MAUVE runs on each and only the main one writes)."""
     from ..scoring import DEFAULT_MAX_LENGTH
     from .score import score_ppl_files
     from .score_distribution import score_mauve_files
@@ -196,6 +203,7 @@ def _scorer(model, batch_size, cpu, reference_texts, references_name, mauve_mode
                 references_name=references_name,
                 batch_size=batch_size,
                 cpu=cpu,
+                write=write,
             )
         raise ValueError(f"unknown scorer kind {kind!r}")
 
@@ -211,7 +219,8 @@ def cell(entry: dict[str, Any] | None, digits: int = 2) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['stderr']:.{digits}f}"
 
 
-def _report(summary: dict[str, Any], json_out: bool) -> None:
+def report(summary: dict[str, Any], json_out: bool) -> None:
+    """The sweep's table (stdout, or stderr under --json) and, under --json, sweep.json."""
     from rich.table import Table
 
     names = summary["metrics"]

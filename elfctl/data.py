@@ -310,13 +310,18 @@ def jsonl_objects(file: Path) -> Iterator[tuple[str, dict]]:
         if not line.strip():
             continue
         where = f"{file}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg}).") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object.")
-        yield where, record
+        yield where, jsonl_object(line, where)
+
+
+def jsonl_object(line: str, where: str) -> dict:
+    """One JSONL line as an object; a malformed one is an error naming `where`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}).") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object.")
+    return record
 
 
 def read_text(file: Path) -> str:

@@ -518,18 +518,15 @@ def pack(tokenized, max_length: int, eos_id: int, staging: Path):
 
 def locate_bad_row(files: list[Path], cfg: DataConfig) -> None:
     """Raise a UserError naming the first bad file and line, reading line by line."""
+    from .data import jsonl_object
+
     fields = [cfg.source_field, cfg.target_field] if cfg.conditional else [cfg.text_field]
     for file in files:
         for number, line in _lines(file):
             if file.suffix != ".jsonl" or not line.strip():
                 continue
             where = f"{file}, line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg}).") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{where}: expected a JSON object.")
+            record = jsonl_object(line, where)
             for name in fields:
                 if name not in record or record[name] is None:
                     raise UserError(f"{where}: missing field '{name}'.")

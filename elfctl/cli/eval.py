@@ -19,6 +19,12 @@ from .sample import (
     PROMPTS_FILE_OPTION,
     prompting_fields,
 )
+from .score_distribution import (
+    MAUVE_MODEL_OPTION,
+    NUM_REFERENCES_OPTION,
+    REFERENCE_FIELD_OPTION,
+    REFERENCES_OPTION,
+)
 
 LOG_WIDTH = 400  # the table's width limit when stdout is not a terminal
 
@@ -95,18 +101,10 @@ def eval_command(
         help="Scorers to run, comma-separated: ppl, bleu, rouge, mauve, diversity "
         "(default: the preset's).",
     ),
-    references: str = typer.Option(
-        None, "--references", help="Human text for MAUVE (as score-mauve --references)."
-    ),
-    reference_field: str = typer.Option(
-        "text", "--reference-field", help="Text field of --references rows."
-    ),
-    num_references: int = typer.Option(
-        5000, "--num-references", min=1, help="Use the first N references."
-    ),
-    mauve_model: str = typer.Option(
-        None, "--mauve-model", help="MAUVE feature model (default: --scorer)."
-    ),
+    references: str = REFERENCES_OPTION,
+    reference_field: str = REFERENCE_FIELD_OPTION,
+    num_references: int = NUM_REFERENCES_OPTION,
+    mauve_model: str = MAUVE_MODEL_OPTION,
     tokenizer: str = typer.Option(None, "--tokenizer", help="ELF tokenizer hub id or folder."),
     precision: str = typer.Option(
         "auto",

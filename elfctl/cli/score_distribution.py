@@ -44,6 +44,20 @@ DIVERSITY_COLUMNS = [
     ("self-BLEU", "self_bleu"),
     ("entropy", "entropy"),
 ]
+# MAUVE's reference options, shared by eval and sweep (score-mauve documents its own).
+REFERENCES_OPTION = typer.Option(
+    None, "--references", help="Human text for MAUVE (as score-mauve --references)."
+)
+REFERENCE_FIELD_OPTION = typer.Option(
+    "text", "--reference-field", help="Text field of --references rows."
+)
+NUM_REFERENCES_OPTION = typer.Option(
+    5000, "--num-references", min=1, help="Use the first N references."
+)
+MAUVE_MODEL_OPTION = typer.Option(
+    None, "--mauve-model", help="MAUVE feature model (default: --scorer)."
+)
+
 MAUVE_COLUMNS = [
     ("empty", "n_empty"),
     ("refs", "n_references"),

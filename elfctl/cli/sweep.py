@@ -11,6 +11,12 @@ import typer
 
 from ..errors import UserError
 from .app import app, console, handle_errors, out
+from .score_distribution import (
+    MAUVE_MODEL_OPTION,
+    NUM_REFERENCES_OPTION,
+    REFERENCE_FIELD_OPTION,
+    REFERENCES_OPTION,
+)
 
 SWEEP_HELP = (
     "Sample and score one sampling setting at several step counts (and seeds): a table of "
@@ -64,18 +70,10 @@ def sweep_command(
     score_batch_size: int = typer.Option(
         8, "--score-batch-size", min=1, help="Samples per scorer forward."
     ),
-    references: str = typer.Option(
-        None, "--references", help="Human text for MAUVE (as score-mauve --references)."
-    ),
-    reference_field: str = typer.Option(
-        "text", "--reference-field", help="Text field of --references rows."
-    ),
-    num_references: int = typer.Option(
-        5000, "--num-references", min=1, help="Use the first N references."
-    ),
-    mauve_model: str = typer.Option(
-        None, "--mauve-model", help="MAUVE feature model (default: --scorer)."
-    ),
+    references: str = REFERENCES_OPTION,
+    reference_field: str = REFERENCE_FIELD_OPTION,
+    num_references: int = NUM_REFERENCES_OPTION,
+    mauve_model: str = MAUVE_MODEL_OPTION,
     paper: bool = typer.Option(
         False, "--paper", help="Overlay the paper's ELF-B Gen PPL at 8/16/32/64 steps."
     ),

@@ -30,28 +30,14 @@ def build_tiny_gpt2(
 ) -> Path:
     """Save a randomly initialised 2-layer GPT-2 and its tokenizer to `directory`."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from elfctl.testbed.scorer import build_tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-
     # Byte-level BPE like GPT-2's: every byte is in the alphabet, so any text tokenizes.
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(TRAINING_TEXT, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS
-    )
-    tokenizer.model_max_length = n_positions
-    tokenizer.save_pretrained(directory)
+    tokenizer = build_tokenizer(TRAINING_TEXT, directory, vocab_size, n_positions)
 
     torch.manual_seed(seed)
     config = GPT2Config(

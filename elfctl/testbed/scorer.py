@@ -29,7 +29,9 @@ def scorer_folder() -> Path:
     return cache_root() / "testbed" / f"grammar-scorer-v{SCORER_VERSION}"
 
 
-def build_tokenizer(texts: list[str], folder: Path, vocab_size: int = 400):
+def build_tokenizer(
+    texts: list[str], folder: Path, vocab_size: int = 400, model_max_length: int = 1024
+):
     """A byte-level BPE tokenizer like GPT-2's (every text tokenizes), trained on `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -47,7 +49,7 @@ def build_tokenizer(texts: list[str], folder: Path, vocab_size: int = 400):
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
     )
-    tokenizer.model_max_length = 1024
+    tokenizer.model_max_length = model_max_length
     tokenizer.save_pretrained(folder)
     return tokenizer
 

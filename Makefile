@@ -1,4 +1,4 @@
-# One command each, from a clean clone (DESIGN.md; README "Quick start").
+# One command each, from a clean clone (README, "Quick start").
 #   make demo   set up, train the tiny model on the CPU, sample it, score it
 #   make test   set up, lint, run the whole test suite (what CI runs)
 PYTHON ?= python3
@@ -27,6 +27,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest

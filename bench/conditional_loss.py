@@ -43,7 +43,7 @@ def main() -> None:
 
     import elfctl
     from elfctl.config import resolve
-    from elfctl.train import Trainer, make_accelerator
+    from elfctl.training import Trainer, make_accelerator
 
     cfg = resolve("tiny-translate", sets=[f"train.seed={args.seed}"])
     with tempfile.TemporaryDirectory() as tmp:

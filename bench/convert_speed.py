@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from elfctl.config import ModelConfig
-from elfctl.convert_jax import expected_jax_shapes, parameter_count
+from elfctl.convert import expected_jax_shapes, parameter_count
 
 SIZES = {
     "B": ModelConfig(hidden_size=768, depth=12, num_heads=12),

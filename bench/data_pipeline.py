@@ -49,17 +49,17 @@ def write_corpus(path: Path, size_mb: int) -> Path:
 def tokenize_once(corpus: Path, num_proc: int, cache: Path) -> tuple[float, dict, float]:
     """(seconds to build, manifest, seconds of a second call hitting the cache)."""
     from elfctl.config import resolve
-    from elfctl.data import load_source
-    from elfctl.encoder import load_tokenizer
+    from elfctl.data import load_corpus
+    from elfctl.model import load_tokenizer
 
     cfg = resolve("tiny", sets=[f"data.num_proc={num_proc}", f"data.cache_dir={cache}"])
     tokenizer = load_tokenizer(cfg.encoder.tokenizer)
     start = time.perf_counter()
-    built = load_source(str(corpus), cfg.data, tokenizer)
+    built = load_corpus(str(corpus), cfg.data, tokenizer)
     first = time.perf_counter() - start
     assert built.prepared.built
     start = time.perf_counter()
-    again = load_source(str(corpus), cfg.data, tokenizer)
+    again = load_corpus(str(corpus), cfg.data, tokenizer)
     second = time.perf_counter() - start
     assert not again.prepared.built
     return first, built.prepared.manifest, second

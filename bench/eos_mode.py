@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' GPT-2 fixture
 
-from elfctl import records, scoring  # noqa: E402
-from elfctl.testbed.grammar import generate_corpus  # noqa: E402
+from elfctl import records
+from elfctl.scoring import metrics as scoring
+from elfctl.testbed.grammar import generate_corpus
 from tests.gpt2_fixture import build_tiny_gpt2  # noqa: E402
 
 

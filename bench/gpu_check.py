@@ -109,8 +109,13 @@ def build_net(model: ELF, mode: str):
 
 def time_sampling(net, size: Size, steps: int, device, repeats: int) -> float:
     """Seconds per batch of `size.sample_batch` samples (best of `repeats`, after warm-up)."""
-    from elfctl.sampler import SamplerSettings, autocast_context, decode, sample_latents
-    from elfctl.streams import SampleStreams
+    from elfctl.sampling import (
+        SamplerSettings,
+        SampleStreams,
+        autocast_context,
+        decode,
+        sample_latents,
+    )
 
     settings = SamplerSettings(steps=steps, method="sde", gamma=1.5, sc_cfg=3.0)
     B, C = size.sample_batch, size.model.latent_dim
@@ -133,8 +138,7 @@ def train_step_fn(size: Size, device, ddp: bool = False):
     """One full training step at the micro-batch, as `elfctl train` takes it."""
     from transformers import T5Config, T5EncoderModel
 
-    from elfctl.objective import draw, elf_loss
-    from elfctl.optim import EMA, build_optimizer
+    from elfctl.training import EMA, build_optimizer, draw, elf_loss
 
     cfg, B, S = size.model, size.train_micro_batch, size.length
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ several seeds, and scores grammar acceptance. Prints, per step count and grid:
 * the spread between the batches of one run: the sd of a batch's acceptance against the
   binomial sd sqrt(p (1 - p) / batch) that independent samples would give.
 
-    python bench/grid_spread.py --run-dir /work/runs/tiny          # 1024 samples, 4 seeds
+    python bench/grid_spread.py --run-dir runs/tiny          # 1024 samples, 4 seeds
     python bench/grid_spread.py --run-dir runs/tiny --steps 8 --seeds 0 1 --num-samples 256
 """
 
@@ -41,9 +41,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    from elfctl.runs import load_for_sampling
-    from elfctl.sampler import generate, setting_kwargs
-    from elfctl.stats import mean_stderr
+    from elfctl.runs import load_for_sampling, mean_stderr
+    from elfctl.sampling import generate, setting_kwargs
 
     loaded = load_for_sampling(str(args.run_dir))
     setting = setting_kwargs(loaded.config.sampling[0])

@@ -5,7 +5,7 @@ Runs the same sample command (the run's own sampling setting) as one plain proce
 process, alternating, and prints the samples/s each run.json records (total and per
 process), plus whether the two samples.jsonl are byte-identical (they must be).
 
-    python bench/sample_processes.py --repo /work/runs/tiny            # CPU, 1 vs 2
+    python bench/sample_processes.py --repo runs/tiny            # CPU, 1 vs 2
     python bench/sample_processes.py --repo RUN --processes 8 --gpu    # 8 GPUs
 """
 

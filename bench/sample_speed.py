@@ -7,18 +7,18 @@ with) against one generator for the whole batch (the official port's draws).
 Also reports the forward passes per sampling step (SC-CFG only, and CFG > 1 on a
 conditional batch): both must be ONE batched forward.
 
-    python bench/sample_speed.py                 # the tiny net of MEASURED.md
+    python bench/sample_speed.py                 # the tiny net of docs/benchmarks.md
     python bench/sample_speed.py --size elf-b --length 128 --batch 4 --repeats 1
     python bench/sample_speed.py --device cuda --precision bf16 --size elf-b --batch 64
 
 The official PyTorch port, measured side by side with this script on this 2-core CPU
-(MEASURED.md, quiet machine, default threads, random weights, fp32, its own sampling
+(docs/benchmarks.md, quiet machine, default threads, random weights, fp32, its own sampling
 loop): tiny net (H128, depth 4, C64, V512), length 64, batch 16, 32-step SDE: 21.8-24.8
 samples/s (midpoint 23.3); ELF-B, length 128, batch 4, 32-step SDE: 0.270 samples/s.
 The printed ratio is our eager (and compiled) samples/s over that figure: the same
 network size, batch, length and step count, both without a T5 encoder (unconditional
 sampling never runs it). It is only meaningful on that quiet 2-core CPU; this script's
-own run is measured now, the port's figure is a constant from MEASURED.md.
+own run is measured now, the port's figure is a constant from docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,8 +30,14 @@ import torch
 
 from elfctl.config import ModelConfig
 from elfctl.model import ELF
-from elfctl.sampler import Condition, SamplerSettings, autocast_context, decode, sample_latents
-from elfctl.streams import SampleStreams
+from elfctl.sampling import (
+    Condition,
+    SamplerSettings,
+    SampleStreams,
+    autocast_context,
+    decode,
+    sample_latents,
+)
 
 SIZES = {
     "tiny": ModelConfig(
@@ -39,7 +45,7 @@ SIZES = {
     ),
     "elf-b": ModelConfig(),
 }
-# The official port's samples/s on the 2-core CPU, side by side with ours (MEASURED.md,
+# The official port's samples/s on the 2-core CPU, side by side with ours (docs/benchmarks.md,
 # 2026-12-02; the tiny figure is the midpoint of its 21.8-24.8 range).
 OFFICIAL = {("tiny", 64, 16): 23.3, ("elf-b", 128, 4): 0.270}
 
@@ -165,7 +171,7 @@ def main() -> None:
             ratios += f", compiled {compiled / reference:.2f}x"
         print(
             f"vs official port (its own loop, same net/batch/length/steps, fp32, 2-core CPU, "
-            f"MEASURED.md): {reference} samples/s -> {ratios}"
+            f"docs/benchmarks.md): {reference} samples/s -> {ratios}"
         )
 
 

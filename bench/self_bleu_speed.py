@@ -17,7 +17,7 @@ import time
 
 import sacrebleu
 
-from elfctl.diversity import self_bleu
+from elfctl.scoring import self_bleu
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Trains the default tiny teacher (unless `--teacher RUN_DIR` is given), distils it with a
 short curriculum, then samples 1024 texts per model and step count with the few-step
-sampling settings of ELF_SPEC.md section 8 (1-8 steps: SDE gamma 1.5, SC-CFG 2.5;
+sampling settings of docs/method.md section 8 (1-8 steps: SDE gamma 1.5, SC-CFG 2.5;
 16 and 32 steps: SDE gamma 2.0, SC-CFG 2.0; logit-normal grids) and prints the share the
 grammar accepts, for the teacher and for each round's student, in one table; a row for the
 teacher's ODE samples (the same settings without churn) shows what the PD target distils.
@@ -73,7 +73,7 @@ def progress_logger(label: str):
 
 def train_teacher(run_dir: Path, max_steps: int | None) -> float:
     from elfctl.config import resolve
-    from elfctl.train import Trainer, make_accelerator
+    from elfctl.training import Trainer, make_accelerator
 
     # A longer teacher than the preset's runs past the preset's 9-minute safety cap.
     sets = [] if max_steps is None else ["train.max_minutes=null"]
@@ -88,8 +88,7 @@ def train_teacher(run_dir: Path, max_steps: int | None) -> float:
 
 def distil(teacher: Path, run_dir: Path, args) -> tuple[list, float]:
     from elfctl.config import resolve
-    from elfctl.distill import distill
-    from elfctl.train import make_accelerator
+    from elfctl.training import distill, make_accelerator
 
     sets = [
         f"distill.teacher={teacher}",
@@ -125,7 +124,7 @@ def acceptance(source: str, steps: list[int], args, train_texts, method: str = "
     The logit-normal grid is drawn once per batch, and at 2-8 steps one grid moves the
     acceptance by up to 10 points; small batches average over many grids."""
     from elfctl.runs import load_for_sampling
-    from elfctl.sampler import generate
+    from elfctl.sampling import generate
     from elfctl.testbed.quality import evaluate_samples
 
     loaded = load_for_sampling(source)
@@ -169,7 +168,7 @@ def main() -> None:
     teacher = args.teacher or args.work / "teacher"
     teacher_s = train_teacher(teacher, args.teacher_steps) if args.teacher is None else 0.0
     results, distill_s = distil(teacher, args.work / "pd", args)
-    from elfctl.checkpoints import load_checkpoint
+    from elfctl.model import load_checkpoint
 
     print(f"teacher: {teacher} at step {load_checkpoint(str(teacher)).step}")
 

@@ -1,6 +1,6 @@
 """Does fine-tuning with `--init` pay on the test bed? Fine-tuned vs from scratch, same N steps.
 
-The source is a trained tiny run (default /work/runs/tiny: the `tiny` preset, 1200 steps on
+The source is a trained tiny run (default runs/tiny: the `tiny` preset, 1200 steps on
 the test bed's source-language grammar). The new corpus is text it was never trained on:
 `--corpus target` (default), a new language: the target side of the test bed's translation
 task (other words, other word order: adjectives after the noun, postpositions, verb-final),
@@ -62,7 +62,7 @@ def corpus(name: str, work: Path):
         return TARGET_CORPUS, texts, TARGET
     import random
 
-    from elfctl.encoder import load_tokenizer
+    from elfctl.model import load_tokenizer
 
     grammar = shifted_grammar()
     rng = random.Random(7)
@@ -83,7 +83,7 @@ def score(texts: list[str], train_texts: list[str], grammar) -> dict:
 
 def samples_of(source: str, n: int, seed: int) -> list[str]:
     from elfctl.runs import load_for_sampling
-    from elfctl.sampler import generate, setting_kwargs
+    from elfctl.sampling import generate, setting_kwargs
 
     loaded = load_for_sampling(source)
     setting = loaded.config.sampling[0]
@@ -102,7 +102,7 @@ def samples_of(source: str, n: int, seed: int) -> list[str]:
 
 def train_run(run_dir: Path, data: str, steps: int, init: str | None) -> float:
     from elfctl.config import resolve
-    from elfctl.train import Trainer, make_accelerator
+    from elfctl.training import Trainer, make_accelerator
 
     sets = [f"data.train={data}", f"train.max_steps={steps}", f"train.checkpoint_every={steps}"]
     if init:
@@ -120,7 +120,7 @@ def row(label: str, m: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default="/work/runs/tiny")
+    parser.add_argument("--source", default="runs/tiny")
     parser.add_argument("--corpus", choices=["target", "shifted"], default="target")
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 300])
     parser.add_argument("--samples", type=int, default=256)

@@ -16,8 +16,8 @@ encodings coincide, so prompts try the two holds only.
 Reported per cell: the share of texts the grammar accepts, that share relative to the
 unconditional one, and the share of rows whose known tokens came back exactly.
 
-    python bench/tiny_prompting.py --run-dir /work/runs/tiny
-    python bench/tiny_prompting.py --run-dir /work/runs/tiny --num-samples 512 --steps 8 32
+    python bench/tiny_prompting.py --run-dir runs/tiny
+    python bench/tiny_prompting.py --run-dir runs/tiny --num-samples 512 --steps 8 32
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ def known_kept(tokens: list[int], layout) -> bool:
 
 
 def run_cell(loaded, encoder, steps: int, n: int, seed: int, **kwargs) -> dict:
-    from elfctl.prompting import layouts_for
-    from elfctl.sampler import generate, setting_kwargs
+    from elfctl.sampling import generate, layouts_for, setting_kwargs
     from elfctl.testbed.grammar import accepts
 
     setting = setting_kwargs(loaded.config.sampling[0]) | {"steps": steps}
@@ -100,7 +99,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    from elfctl.encoder import load_encoder
+    from elfctl.model import load_encoder
     from elfctl.runs import load_for_sampling
 
     loaded = load_for_sampling(str(args.run_dir))

@@ -43,9 +43,9 @@ def score(texts: list[str], train_texts: list[str]) -> dict:
 
 def train_if_needed(run_dir: Path) -> float | None:
     """Train the default tiny run; returns its wall time (None if it was already done)."""
-    from elfctl.checkpoints import list_step_dirs
     from elfctl.config import resolve
-    from elfctl.train import Trainer, make_accelerator
+    from elfctl.model import list_step_dirs
+    from elfctl.training import Trainer, make_accelerator
 
     cfg = resolve("tiny")
     trainer = Trainer(cfg, run_dir, make_accelerator(cpu=True))
@@ -66,7 +66,7 @@ def train_if_needed(run_dir: Path) -> float | None:
 
 
 def sample_texts(model, tokenizer, cfg, n: int, seed: int) -> tuple[list[str], float]:
-    from elfctl.sampler import generate, setting_kwargs
+    from elfctl.sampling import generate, setting_kwargs
 
     start = time.perf_counter()
     out = generate(

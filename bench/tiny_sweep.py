@@ -28,7 +28,7 @@ def print_scorer_baselines(scorer: str) -> None:
     """What the scorer's Gen PPL means: the grammar's own texts against shuffled words."""
     import datasets
 
-    from elfctl import scoring
+    from elfctl.scoring import metrics as scoring
     from elfctl.testbed.assets import resolve_testbed_uri
     from elfctl.testbed.quality import shuffled_samples
 
@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="Replace an earlier --out.")
     args = parser.parse_args()
 
-    from elfctl import records, sweep
+    from elfctl import records
+    from elfctl.runs import sweep
     from elfctl.testbed.grammar import accepts
     from elfctl.testbed.scorer import ensure_grammar_scorer
 

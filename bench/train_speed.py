@@ -6,7 +6,7 @@ self-conditioning forwards, the grad forward, backward, optimiser, EMA), timed.
 
 The encoder is a randomly initialised T5 of the right width (T5-small's architecture for
 ELF-B), built locally: weights do not change the cost. The official PyTorch port,
-measured side by side with this script on this 2-core CPU (MEASURED.md, quiet machine,
+measured side by side with this script on this 2-core CPU (docs/benchmarks.md, quiet machine,
 default threads): tiny net, batch 16, length 64, AdamW: 8.3 steps/s; ELF-B, batch 4,
 length 128, AdamW: 0.270 steps/s. The "vs official" column is our steps/s over those, and
 the two steps do NOT do the same work: ours includes a real T5 encoder forward (the
@@ -23,8 +23,7 @@ import torch
 
 from elfctl.config import ModelConfig, ObjectiveConfig, OptimConfig
 from elfctl.model import ELF
-from elfctl.objective import draw, elf_loss
-from elfctl.optim import EMA, build_optimizer
+from elfctl.training import EMA, build_optimizer, draw, elf_loss
 
 SIZES = {
     # name: (model, batch, length, T5 (d_model, layers, heads, d_ff))
@@ -39,7 +38,7 @@ SIZES = {
     "elf-b": (ModelConfig(), 4, 128, (512, 6, 8, 2048)),
 }
 # The official port's steps/s with AdamW on the 2-core CPU, side by side with ours
-# (MEASURED.md, 2026-12-02), timed with a stand-in encoder (an embedding lookup).
+# (docs/benchmarks.md, 2026-12-02), timed with a stand-in encoder (an embedding lookup).
 OFFICIAL = {"tiny": 8.3, "elf-b": 0.270}
 
 

@@ -5,8 +5,8 @@ run's model and prints samples/s for each, the ratio, and the counted network ca
 (decode forwards and denoiser forwards), so the cost can be checked against its
 prediction: K extra decode forwards on top of `steps` denoiser forwards and one decode.
 
-    python bench/trajectory_cost.py --run-dir /work/runs/tiny
-    python bench/trajectory_cost.py --run-dir /work/runs/tiny --k 8 --steps 32 --rounds 5
+    python bench/trajectory_cost.py --run-dir runs/tiny
+    python bench/trajectory_cost.py --run-dir runs/tiny --k 8 --steps 32 --rounds 5
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from elfctl.runs import load_for_sampling
-    from elfctl.sampler import generate, setting_kwargs
+    from elfctl.sampling import generate, setting_kwargs
 
     loaded = load_for_sampling(str(args.run_dir))
     setting = setting_kwargs(loaded.config.sampling[0]) | {"steps": args.steps}

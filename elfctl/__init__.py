@@ -8,22 +8,22 @@ The public API is small and imported lazily so that `elfctl --help` stays fast:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from elfctl.version import __version__
 
 __all__ = ["__version__", "load_model", "generate", "load_tokenizer"]
 
 
 def __getattr__(name: str):
     if name == "load_model":
-        from .checkpoints import load_model
+        from elfctl.model import load_model
 
         return load_model
     if name == "generate":
-        from .sampler import generate
+        from elfctl.sampling import generate
 
         return generate
     if name == "load_tokenizer":
-        from .encoder import load_tokenizer
+        from elfctl.model import load_tokenizer
 
         return load_tokenizer
     raise AttributeError(f"module 'elfctl' has no attribute {name!r}")

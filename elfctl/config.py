@@ -18,12 +18,12 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
+from elfctl.errors import UserError
 
 
 @dataclass
 class ModelConfig:
-    """The ELF network (ELF_SPEC.md section 3). Defaults are ELF-B on T5-small."""
+    """The ELF network (docs/method.md section 3). Defaults are ELF-B on T5-small."""
 
     hidden_size: int = 768
     depth: int = 12
@@ -406,3 +406,12 @@ def sampling_setting(cfg: Config, name: str | None = None) -> SamplingSetting:
             return setting
     names = ", ".join(s.name for s in cfg.sampling)
     raise UserError(f"Preset '{cfg.name}' has no sampling setting '{name}'; it has: {names}.")
+
+
+def describe_sampler(setting: SamplingSetting) -> str:
+    """'SDE 32 steps, gamma 1.5, SC-CFG 3, CFG 1' (gamma only for SDE)."""
+    parts = [f"{setting.method.upper()} {setting.steps} steps"]
+    if setting.method == "sde":
+        parts.append(f"gamma {setting.gamma:g}")
+    parts += [f"SC-CFG {setting.sc_cfg:g}", f"CFG {setting.cfg:g}"]
+    return ", ".join(parts)

@@ -1,6 +1,6 @@
 """Which precision a run uses, and why: one rule for train, distill, sample and eval.
 
-The official recipe trains and samples under bf16 autocast (ELF_SPEC.md sections 4-5), so a
+The official recipe trains and samples under bf16 autocast (docs/method.md sections 4-5), so a
 plain `elfctl train --preset owt-b` on a GPU must not fall back to fp32 at a third of the
 speed. The choice, first match wins:
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import UserError
+from elfctl.errors import UserError
 
 TRAINING_FLAGS = ("no", "bf16", "fp16")
 SAMPLING_FLAGS = ("auto", "bf16", "fp32")

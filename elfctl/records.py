@@ -1,4 +1,4 @@
-"""The JSONL layout of a sample run directory (DESIGN.md, "Standard JSONL layout").
+"""The JSONL layout of a sample run directory (docs/evaluation.md, "Sample run directories").
 
 A sample run directory holds:
 
@@ -23,7 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from elfctl.errors import UserError
+from elfctl.version import __version__
 
 # The process umask, read once: mkstemp creates files 0600, and we want the permissions
 # a plain open() would have given.
@@ -294,8 +295,6 @@ def metrics_record(
     the line stays valid JSON.
     """
     from datetime import datetime, timezone
-
-    from . import __version__
 
     return {
         "file": str(file),

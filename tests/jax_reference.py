@@ -1,6 +1,6 @@
 """Independent NumPy forwards that read parameters in the JAX layout (`x @ kernel`).
 
-Written from ELF_SPEC.md section 3 (ELF) and the T5 paper's encoder (T5), in float64,
+Written from docs/method.md section 3 (ELF) and the T5 paper's encoder (T5), in float64,
 without torch: the converted PyTorch models must reproduce these outputs. Because every
 Dense layer here is `x @ kernel` with `kernel` (in, out), a missing or extra transpose in
 the converter changes the result even for square matrices.
@@ -20,7 +20,7 @@ import numpy as np
 
 def random_elf_tree(cfg, seed: int = 0, scale: float = 0.2) -> dict[str, np.ndarray]:
     """Every ELF tensor in JAX names/layout, random (no zeros: the final layer is 'trained')."""
-    from elfctl.convert_jax import expected_jax_shapes
+    from elfctl.convert import expected_jax_shapes
 
     rng = np.random.default_rng(seed)
     tree = {}

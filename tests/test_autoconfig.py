@@ -8,10 +8,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from elfctl.autoconfig import stats_row_indices
 from elfctl.cli import app
 from elfctl.config import resolve
-from elfctl.train import Trainer, make_accelerator
+from elfctl.training import Trainer, make_accelerator, stats_row_indices
 from tests.test_train import SMALL, small_config
 
 N_ROWS = 40
@@ -140,8 +139,8 @@ def test_official_presets_keep_the_fixed_latent_statistics(preset):
 
 
 def test_an_auto_statistic_outside_training_is_a_clear_error():
-    from elfctl.encoder import load_encoder
     from elfctl.errors import UserError
+    from elfctl.model import load_encoder
 
     cfg = resolve("tiny", sets=["encoder.latent_std=auto"])
     with pytest.raises(UserError, match="only training can measure"):

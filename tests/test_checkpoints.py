@@ -1,4 +1,4 @@
-"""Finding and loading checkpoints (ELF_SPEC.md section 7)."""
+"""Finding and loading checkpoints (docs/method.md section 7)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import elfctl
-from elfctl.checkpoints import (
+from elfctl.config import Config
+from elfctl.errors import UserError
+from elfctl.model import (
     build_model,
     load_checkpoint,
-    resolve_source,
+    resolve_checkpoint,
     save_model_checkpoint,
     save_official_checkpoint,
 )
-from elfctl.config import Config
-from elfctl.errors import UserError
 from tests.test_model import official_key_shapes
 
 TINY = dict(H=32, depth=2, heads=2, C=16, V=18, bottleneck=8)
@@ -60,7 +60,7 @@ def test_official_checkpoint_loads_strictly_with_the_ema_weights(tmp_path):
 def test_a_directory_resolves_to_its_highest_step(tmp_path):
     for step in (100, 2000, 300):
         write_official(tmp_path / f"checkpoint_{step}", official_state(step), step)
-    path, fmt = resolve_source(str(tmp_path))
+    path, fmt = resolve_checkpoint(str(tmp_path))
     assert path.name == "checkpoint_2000" and fmt == "official"
     assert load_checkpoint(str(tmp_path)).step == 2000
 

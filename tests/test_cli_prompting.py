@@ -7,10 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from elfctl.checkpoints import save_model_checkpoint
 from elfctl.cli import app
 from elfctl.config import resolve
-from elfctl.model import ELF
+from elfctl.model import ELF, save_model_checkpoint
 from tests.conftest import randomize_
 
 runner = CliRunner()
@@ -73,8 +72,8 @@ def test_prompted_rows_start_with_their_prompt_and_record_it(tmp_path, tiny_ckpt
 
 
 def test_infilled_rows_keep_the_template_tokens_and_record_the_template(tmp_path, tiny_ckpt):
-    from elfctl.prompting import parse_template
     from elfctl.runs import load_for_sampling
+    from elfctl.sampling import parse_template
 
     template = "the [gap:2] sees [gap:3] ."
     out = tmp_path / "s"

@@ -8,10 +8,10 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from elfctl import records, scoring
+from elfctl import records
 from elfctl.cli import app
-
-from .gpt2_fixture import build_tiny_gpt2
+from elfctl.scoring import metrics as scoring
+from tests.gpt2_fixture import build_tiny_gpt2
 
 runner = CliRunner()
 

@@ -4,7 +4,7 @@ The converted model's forward must equal `tests/jax_reference.py`, an independen
 forward that reads the JAX-layout arrays with `x @ kernel`; a missing or extra transpose
 (even of a square matrix) breaks that equality. Checkpoints are written here by the real
 tools where they are installed (orbax-checkpoint + JAX, flax) and, always, by plain
-tensorstore / msgpack writers that follow the on-disk formats of ELF_SPEC.md section 7.
+tensorstore / msgpack writers that follow the on-disk formats of docs/method.md section 7.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from elfctl.checkpoints import load_checkpoint, load_model
 from elfctl.cli import app
 from elfctl.config import ModelConfig
-from elfctl.convert_jax import (
+from elfctl.convert import (
     convert_checkpoint,
     convert_t5_encoder,
     expected_jax_shapes,
@@ -33,11 +32,12 @@ from elfctl.convert_jax import (
     torch_shapes,
 )
 from elfctl.errors import UserError
+from elfctl.model import load_checkpoint, load_model
 from tests.jax_reference import elf_forward, nest, random_elf_tree, random_t5_tree, t5_forward
 
 # Small but complete: 4 heads of width 8, C 8 != bottleneck 6, V 20, both SwiGLU halves.
 CFG = ModelConfig(hidden_size=32, depth=2, num_heads=4, bottleneck=6, latent_dim=8, vocab_size=20)
-SIZES = {  # name: (config, tensors, parameters) from ELF_SPEC.md section 7
+SIZES = {  # name: (config, tensors, parameters) from docs/method.md section 7
     "ELF-B": (ModelConfig(hidden_size=768, depth=12, num_heads=12), 167, 104_579_940),
     "ELF-M": (ModelConfig(hidden_size=1056, depth=24, num_heads=16), 311, 342_540_036),
     "ELF-L": (ModelConfig(hidden_size=1280, depth=32, num_heads=16), 407, 652_103_332),
@@ -171,7 +171,7 @@ def assert_forward_matches(dst, jax_flat: dict[str, np.ndarray], weights: str = 
     if weights == "ema":
         model = load_model(str(dst))
     else:
-        from elfctl.checkpoints import build_model
+        from elfctl.model import build_model
 
         ckpt = load_checkpoint(str(dst), weights=weights)
         model = build_model(ckpt.state_dict, ckpt.model_config).eval()

@@ -1,4 +1,4 @@
-"""Collation masks, row sources and the resumable sampler (ELF_SPEC.md section 2).
+"""Collation masks, row sources and the resumable sampler (docs/method.md section 2).
 
 Every source is loaded through the real code path (`load_from_disk`,
 `load_dataset`, `AutoTokenizer.from_pretrained`) on folders built here.

@@ -1,4 +1,4 @@
-"""Progressive distillation (ELF_SPEC.md section 8): the PD maths on toy teachers whose
+"""Progressive distillation (docs/method.md section 8): the PD maths on toy teachers whose
 velocity fields are known in closed form, the loss against a one-example-at-a-time
 computation, and the curriculum (round chaining, resume, the CLI) on the test bed."""
 
@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from elfctl.checkpoints import list_step_dirs, save_official_checkpoint
 from elfctl.config import ModelConfig, ObjectiveConfig, resolve
-from elfctl.distill import (
+from elfctl.errors import UserError
+from elfctl.model import ELF, list_step_dirs, save_official_checkpoint
+from elfctl.training import (
     DistillTrainer,
     PDDraws,
     distill,
     distill_loss,
     draw_pd,
+    make_accelerator,
     parse_rounds,
     pd_inputs,
     pd_target,
@@ -34,9 +36,6 @@ from elfctl.distill import (
     teacher_times,
     teacher_trajectory,
 )
-from elfctl.errors import UserError
-from elfctl.model import ELF
-from elfctl.train import make_accelerator
 from tests.conftest import randomize_, tiny_model_config
 
 T_EPS = 0.05

@@ -9,10 +9,10 @@ import statistics
 import pytest
 import sacrebleu
 
-from elfctl import diversity, scoring
 from elfctl.errors import UserError
-
-from .gpt2_fixture import build_tiny_gpt2
+from elfctl.scoring import diversity
+from elfctl.scoring import metrics as scoring
+from tests.gpt2_fixture import build_tiny_gpt2
 
 # Words of two samples: "a b a b" and "a c".
 SAMPLES = [["a", "b", "a", "b"], ["a", "c"]]

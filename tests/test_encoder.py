@@ -1,4 +1,4 @@
-"""The frozen encoder, its per-pair mask, and latent normalisation (ELF_SPEC.md sections 1-2).
+"""The frozen encoder, its per-pair mask, and latent normalisation (docs/method.md sections 1-2).
 
 A small random T5 encoder is saved to a temp folder and loaded back with the same
 `from_pretrained(path)` call that loads hub ids. Every encoder test runs on both
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from elfctl.config import EncoderConfig
-from elfctl.encoder import (
+from elfctl.errors import UserError
+from elfctl.model import (
     FrozenEncoder,
     encoder_pair_mask,
     load_encoder,
@@ -20,7 +21,6 @@ from elfctl.encoder import (
     pair_masks_unsupported,
     t5_attention_mask,
 )
-from elfctl.errors import UserError
 from tests.conftest import build_word_tokenizer
 
 VOCAB = 24

@@ -15,7 +15,7 @@ from elfctl.cli import app
 from elfctl.cli.eval import metric_cell
 from elfctl.config import Config, resolve
 from elfctl.errors import UserError
-from elfctl.evaluate import check_out_dir, load_for_eval, scorers_for, select_settings
+from elfctl.runs import check_eval_out_dir, load_for_eval, scorers_for, select_settings
 from tests.conftest import WORDS, build_word_tokenizer
 from tests.gpt2_fixture import build_tiny_gpt2
 from tests.test_checkpoints import official_state, write_official
@@ -180,8 +180,8 @@ def test_metrics_left_in_a_setting_folder_also_need_force(tmp_path):
     settings = select_settings(resolve("owt-b"))
     records.append_metrics(tmp_path / "sde-64", {"metric": "gen_ppl"})
     with pytest.raises(UserError, match="sde-64 already holds metrics.jsonl; pass --force"):
-        check_out_dir(tmp_path, settings, force=False)
-    check_out_dir(tmp_path, settings, force=True)
+        check_eval_out_dir(tmp_path, settings, force=False)
+    check_eval_out_dir(tmp_path, settings, force=True)
 
 
 @pytest.mark.parametrize(
@@ -248,8 +248,7 @@ def test_metric_cells_put_the_paper_number_beside_ours():
 def test_our_checkpoints_keep_their_network_and_latent_space_under_the_presets_settings(
     tmp_path,
 ):
-    from elfctl.checkpoints import save_model_checkpoint
-    from elfctl.model import infer_model_config
+    from elfctl.model import infer_model_config, save_model_checkpoint
 
     tok = build_word_tokenizer(tmp_path / "tok")
     ema = official_state(2, V=len(tok))
@@ -365,7 +364,7 @@ def test_more_samples_than_validation_rows_exits_2(tmp_path, conditional):
 def test_conditional_eval_feeds_the_validation_sets_own_condition_ids(tmp_path, conditional):
     from datasets import Dataset
 
-    from elfctl.encoder import load_tokenizer
+    from elfctl.model import load_tokenizer
 
     ckpt, config_file, pairs = conditional
     config = yaml.safe_load(Path(config_file).read_text())

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from elfctl.errors import UserError
-from elfctl.evaluate import parse_metrics
+from elfctl.runs import parse_metrics
 from tests.test_eval import run_eval, scorer_dir, unconditional  # noqa: F401 (fixtures)
 from tests.test_score_distribution import invoke, texts
 

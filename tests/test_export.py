@@ -10,10 +10,9 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from elfctl.checkpoints import list_step_dirs
 from elfctl.cli import app
-from elfctl.model import ELF
-from elfctl.train import make_accelerator, train
+from elfctl.model import ELF, list_step_dirs
+from elfctl.training import make_accelerator, train
 from tests.test_train import small_config
 
 runner = CliRunner()
@@ -27,7 +26,7 @@ def source_run(tmp_path_factory):
 
 
 def official_names(depth: int) -> set[str]:
-    """ELF_SPEC.md section 7's state-dict names, written out by hand."""
+    """docs/method.md section 7's state-dict names, written out by hand."""
     names = {
         "self_cond_proj.weight",
         "self_cond_proj.bias",
@@ -200,7 +199,7 @@ def test_a_missing_source_is_a_clear_error(tmp_path):
 def test_a_config_yaml_of_another_tool_beside_an_official_checkpoint_is_not_read(
     tmp_path, source_run
 ):
-    from elfctl.checkpoints import load_checkpoint
+    from elfctl.model import load_checkpoint
 
     out = tmp_path / "out"
     assert export(source_run, out).exit_code == 0

@@ -10,11 +10,11 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from elfctl.checkpoints import file_sha256, list_step_dirs, save_official_checkpoint
 from elfctl.cli import app
 from elfctl.config import resolve
 from elfctl.errors import UserError
-from elfctl.train import Trainer, make_accelerator, train
+from elfctl.model import file_sha256, list_step_dirs, save_official_checkpoint
+from elfctl.training import Trainer, make_accelerator, train
 from tests.test_train import SMALL, small_config
 
 runner = CliRunner()

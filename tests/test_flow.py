@@ -1,4 +1,4 @@
-"""Flow maths (ELF_SPEC.md sections 4-5) against hand-computed values."""
+"""Flow maths (docs/method.md sections 4-5) against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from elfctl import flow
+from elfctl.model import flow
 
 
 def test_noising_interpolates_from_scaled_noise_at_t0_to_data_at_t1():

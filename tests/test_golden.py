@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from elfctl.checkpoints import save_model_checkpoint
 from elfctl.cli import app
 from elfctl.config import resolve
-from elfctl.model import ELF
+from elfctl.model import ELF, save_model_checkpoint
 from tests.conftest import randomize_
 
 GOLDEN = Path(__file__).parent / "golden" / "outputs.json"

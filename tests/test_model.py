@@ -1,4 +1,4 @@
-"""The ELF network, pinned formula by formula (ELF_SPEC.md section 3).
+"""The ELF network, pinned formula by formula (docs/method.md section 3).
 
 Each test computes the quantity a second, slow and obvious way and compares.
 """
@@ -208,7 +208,7 @@ def test_bf16_autocast_keeps_heads_and_outputs_in_fp32():
 
 
 def official_key_shapes(H, depth, heads, C=512, V=32100, bottleneck=128, inner=None):
-    """The state-dict names and shapes of ELF_SPEC.md section 7, written out from the spec."""
+    """The state-dict names and shapes of docs/method.md section 7, written out from the spec."""
     inner = inner or int(4 * H * 2 / 3)
     d = H // heads
     shapes = {

@@ -1,4 +1,4 @@
-"""The training objective (ELF_SPEC.md section 4), piece by piece and as a whole.
+"""The training objective (docs/method.md section 4), piece by piece and as a whole.
 
 `elf_loss` is checked against `slow_loss`, which treats one example at a time with
 the spec's formulas written out plainly.
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from elfctl.config import ObjectiveConfig
 from elfctl.model import ELF
-from elfctl.objective import (
+from elfctl.training import (
     Draws,
     decoder_input,
     draw,

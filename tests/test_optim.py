@@ -1,4 +1,4 @@
-"""Muon + Adam, the lr schedule and the weight EMA (ELF_SPEC.md section 4).
+"""Muon + Adam, the lr schedule and the weight EMA (docs/method.md section 4).
 
 Every update is checked against a slow float64 numpy computation written out here,
 straight from the spec's formulas.
@@ -14,7 +14,7 @@ from torch import nn
 
 from elfctl.config import OptimConfig
 from elfctl.errors import UserError
-from elfctl.optim import (
+from elfctl.training import (
     EMA,
     MuonAdam,
     build_optimizer,
@@ -262,7 +262,7 @@ class TinyBlock(nn.Module):
 
 
 class TinyELF(nn.Module):
-    """Same parameter names and layouts as the real model (ELF_SPEC.md section 7)."""
+    """Same parameter names and layouts as the real model (docs/method.md section 7)."""
 
     def __init__(self, hidden=8, latent=6, vocab=10):
         super().__init__()

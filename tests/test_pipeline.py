@@ -21,9 +21,8 @@ from typer.testing import CliRunner
 
 from elfctl.cli import app
 from elfctl.config import DataConfig, resolve
-from elfctl.data import load_rows, load_source
+from elfctl.data import MANIFEST, load_corpus, load_rows, packed_stream
 from elfctl.errors import UserError
-from elfctl.pipeline import MANIFEST, packed_stream
 from tests.conftest import WORDS, build_word_tokenizer
 
 EOS = 1
@@ -32,7 +31,7 @@ EOS = 1
 @pytest.fixture(autouse=True)
 def _data_cache(tmp_path, monkeypatch):
     """Each test its own data cache (the default lives under $ELFCTL_CACHE)."""
-    monkeypatch.setattr("elfctl.pipeline.default_cache_dir", lambda: tmp_path / "data-cache")
+    monkeypatch.setattr("elfctl.data.pipeline.default_cache_dir", lambda: tmp_path / "data-cache")
 
 
 @pytest.fixture
@@ -108,10 +107,10 @@ def slow_pack(docs: list[list[int]], max_length: int) -> list[list[int]]:
 def test_a_second_run_reuses_the_cache_and_does_not_call_the_tokenizer(tmp_path, tokenizer):
     corpus = write_corpus(tmp_path / "corpus")
     first = CountingTokenizer(tokenizer)
-    built = load_source(str(corpus), DataConfig(), first)
+    built = load_corpus(str(corpus), DataConfig(), first)
     assert built.prepared.built and first.calls > 0
     again = CountingTokenizer(tokenizer)
-    reused = load_source(str(corpus), DataConfig(), again)
+    reused = load_corpus(str(corpus), DataConfig(), again)
     assert not reused.prepared.built and again.calls == 0
     assert reused.prepared.folder == built.prepared.folder
     assert reused.rows["input_ids"] == built.rows["input_ids"] == slow_documents(corpus, tokenizer)
@@ -121,7 +120,7 @@ def test_a_second_run_reuses_the_cache_and_does_not_call_the_tokenizer(tmp_path,
 
 def _rebuilds(source, cfg, tokenizer) -> bool:
     counting = CountingTokenizer(tokenizer)
-    out = load_source(source, cfg, counting)
+    out = load_corpus(source, cfg, counting)
     return out.prepared.built and counting.calls > 0
 
 
@@ -176,14 +175,14 @@ def test_num_proc_2_tokenizes_the_same_rows_in_the_same_order(tmp_path, tokenize
     # JAX's threads from other tests) could deadlock
     build = (
         "import elfctl.pipeline as p; from elfctl.config import DataConfig; "
-        "from elfctl.data import load_source; from transformers import AutoTokenizer; "
+        "from elfctl.data import load_corpus; from transformers import AutoTokenizer; "
         "p.MAP_BATCH = 8; "  # several batches per process
         f"tok = AutoTokenizer.from_pretrained({str(tmp_path / 'tokenizer')!r}); "
         f"cfg = DataConfig(num_proc=2, cache_dir={str(tmp_path / 'c2')!r}); "
-        f"assert load_source({str(corpus)!r}, cfg, tok).prepared.built"
+        f"assert load_corpus({str(corpus)!r}, cfg, tok).prepared.built"
     )
     subprocess.run([sys.executable, "-c", build], check=True, timeout=600)
-    two = load_source(
+    two = load_corpus(
         str(corpus), DataConfig(num_proc=2, cache_dir=str(tmp_path / "c2")), tokenizer
     )
     assert not two.prepared.built  # what the two processes wrote
@@ -191,11 +190,11 @@ def test_num_proc_2_tokenizes_the_same_rows_in_the_same_order(tmp_path, tokenize
 
 
 def test_tokenization_reports_progress_in_documents_and_tokens(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr("elfctl.pipeline.CHUNK_BYTES", 64)  # many small chunks
-    monkeypatch.setattr("elfctl.pipeline.MAP_BATCH", 8)
+    monkeypatch.setattr("elfctl.data.pipeline.CHUNK_BYTES", 64)  # many small chunks
+    monkeypatch.setattr("elfctl.data.pipeline.MAP_BATCH", 8)
     corpus = write_corpus(tmp_path / "corpus", files=2, lines=40)
     calls = []
-    load_source(str(corpus), DataConfig(), tokenizer, on_progress=lambda *a: calls.append(a))
+    load_corpus(str(corpus), DataConfig(), tokenizer, on_progress=lambda *a: calls.append(a))
     docs = slow_documents(corpus, tokenizer)
     raw_lines = sum(len(f.read_text().splitlines()) for f in corpus.glob("*.txt"))
     assert calls[0] == (0, raw_lines, 0)
@@ -265,9 +264,9 @@ def test_tokenized_datasets_are_packed_and_cached_too(tmp_path, tokenizer):
     docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
     Dataset.from_dict({"input_ids": docs}).save_to_disk(str(tmp_path / "saved"))
     cfg = DataConfig(packing=True, max_length=4)
-    built = load_source(str(tmp_path / "saved"), cfg, tokenizer)
+    built = load_corpus(str(tmp_path / "saved"), cfg, tokenizer)
     assert built.rows["input_ids"] == slow_pack(docs, 4) and built.prepared.built
-    assert not load_source(str(tmp_path / "saved"), cfg, tokenizer).prepared.built
+    assert not load_corpus(str(tmp_path / "saved"), cfg, tokenizer).prepared.built
     unpacked = load_rows(str(tmp_path / "saved"), DataConfig(), tokenizer)
     assert unpacked["input_ids"] == docs  # without packing: one document, one row, as before
 
@@ -319,7 +318,7 @@ def grammar_corpus(folder: Path, lines: int = 400) -> Path:
 
 
 def test_resumed_training_on_packed_rows_continues_the_same_rows(tmp_path):
-    from elfctl.train import Trainer, make_accelerator, train
+    from elfctl.training import Trainer, make_accelerator, train
     from tests.test_train import assert_same_weights, final_weights
 
     corpus = grammar_corpus(tmp_path / "corpus")
@@ -379,7 +378,7 @@ def test_a_killed_run_on_packed_rows_resumes_on_the_same_rows(tmp_path):
     import signal
     import time
 
-    from elfctl.checkpoints import list_step_dirs
+    from elfctl.model import list_step_dirs
     from tests.test_train import assert_same_weights, final_weights, run_cli
 
     corpus = grammar_corpus(tmp_path / "corpus")

@@ -6,25 +6,26 @@ import pytest
 import torch
 
 from elfctl.data import collate
-from elfctl.encoder import encoder_pair_mask
 from elfctl.errors import UserError
-from elfctl.model import ELF
-from elfctl.prompting import (
+from elfctl.model import ELF, encoder_pair_mask
+from elfctl.sampling import (
     KnownTokens,
+    SamplerSettings,
     check_fits,
+    generate,
     known_tokens,
     lay_out,
     parse_prompt,
     parse_template,
     read_prompts,
+    sample_latents,
 )
-from elfctl.sampler import SamplerSettings, generate, sample_latents
 from tests.conftest import randomize_, tiny_model_config
 
 
 @pytest.fixture(scope="module")
 def grammar_assets():
-    from elfctl.encoder import FrozenEncoder, load_tokenizer
+    from elfctl.model import FrozenEncoder, load_tokenizer
     from elfctl.testbed.assets import ensure_assets
 
     paths = ensure_assets("grammar")
@@ -142,7 +143,7 @@ def test_conditional_known_tokens_are_encoded_as_training_encodes_a_target(gramm
     got = known_tokens(
         encoder, tokenizer, [layout], 12, sources=[source], max_input_length=7, pad_token="eos"
     )
-    # training: condition + target in one row, per-pair mask (ELF_SPEC.md sections 1-2)
+    # training: condition + target in one row, per-pair mask (docs/method.md sections 1-2)
     row = {"condition_input_ids": ids(tokenizer, source), "input_ids": ids(tokenizer, prompt)}
     batch = collate([row], 12, 7, "eos", 0, 1)
     pair = encoder_pair_mask(batch["attention_mask"], batch["cond_seq_mask"])

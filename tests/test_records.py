@@ -1,4 +1,4 @@
-"""The JSONL layout: samples.jsonl, run.json, metrics.jsonl (DESIGN.md)."""
+"""The JSONL layout: samples.jsonl, run.json, metrics.jsonl (docs/evaluation.md)."""
 
 from __future__ import annotations
 

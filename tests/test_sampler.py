@@ -1,11 +1,11 @@
-"""The sampler (ELF_SPEC.md section 5) against a slow loop written out step by step."""
+"""The sampler (docs/method.md section 5) against a slow loop written out step by step."""
 
 from __future__ import annotations
 
 import torch
 
 from elfctl.model import ELF
-from elfctl.sampler import (
+from elfctl.sampling import (
     Condition,
     SamplerSettings,
     decode,

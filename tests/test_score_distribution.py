@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from elfctl import diversity, mauve_score, records
+from elfctl import records
 from elfctl.cli import app
-
-from .gpt2_fixture import build_tiny_gpt2
+from elfctl.scoring import diversity
+from elfctl.scoring import mauve as mauve_score
+from tests.gpt2_fixture import build_tiny_gpt2
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""Metrics of ELF_SPEC.md section 6, each against a slow, obviously-correct computation."""
+"""Metrics of docs/method.md section 6, each against a slow, obviously-correct computation."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import math
 
 import pytest
 
-from elfctl import scoring
 from elfctl.errors import UserError
-
-from .gpt2_fixture import build_tiny_gpt2
+from elfctl.scoring import metrics as scoring
+from tests.gpt2_fixture import build_tiny_gpt2
 
 TEXTS = [
     "the cat sat on the mat .",

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from elfctl.stats import mean_stderr
+from elfctl.runs import mean_stderr
 
 
 def test_mean_stderr_matches_a_hand_computation():

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from elfctl.cli import app
 from elfctl.config import DataConfig, resolve
+from elfctl.data import RowStream, check_exact_resume
 from elfctl.errors import UserError
-from elfctl.streaming import RowStream, check_exact_resume
 from tests.conftest import build_word_tokenizer
 from tests.test_pipeline import EOS, slow_pack
 
@@ -135,7 +135,7 @@ def grammar_repo(folder: Path) -> Path:
 
 
 def test_streamed_training_resumed_equals_straight_training(tmp_path):
-    from elfctl.train import make_accelerator, train
+    from elfctl.training import make_accelerator, train
     from tests.test_train import assert_same_weights, final_weights
 
     repo = grammar_repo(tmp_path / "repo")
@@ -197,7 +197,7 @@ def test_cli_streaming_without_max_steps_is_a_user_error(tmp_path):
 def test_auto_latent_stats_of_a_stream_are_measured_on_its_first_rows(tmp_path):
     import numpy as np
 
-    from elfctl.train import Trainer, make_accelerator
+    from elfctl.training import Trainer, make_accelerator
     from tests.test_autoconfig import slow_hidden_values
 
     repo = grammar_repo(tmp_path / "repo")
@@ -215,8 +215,7 @@ def test_auto_latent_stats_of_a_stream_are_measured_on_its_first_rows(tmp_path):
 
 
 def test_distill_refuses_a_streamed_dataset(tmp_path):
-    from elfctl.distill import DistillTrainer, round_config
-    from elfctl.train import make_accelerator
+    from elfctl.training import DistillTrainer, make_accelerator, round_config
 
     cfg = resolve("tiny", sets=SMALL + ["data.streaming=true", "train.max_steps=2"])
     cfg.distill.teacher = str(tmp_path / "no-teacher")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from elfctl import flow
-from elfctl.sampler import SamplerSettings, generate, sample_latents
-from elfctl.streams import SampleStreams, sample_key
+from elfctl.model import flow
+from elfctl.sampling import SamplerSettings, SampleStreams, generate, sample_key, sample_latents
 from tests.test_sampler import make_model, slow_sample
 
 SDE = dict(

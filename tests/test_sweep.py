@@ -7,10 +7,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from elfctl import records, sweep
+from elfctl import records
 from elfctl.cli import app
 from elfctl.errors import UserError
-from elfctl.stats import mean_stderr
+from elfctl.runs import mean_stderr, sweep
 from tests.conftest import build_word_tokenizer
 from tests.gpt2_fixture import build_tiny_gpt2
 from tests.test_checkpoints import official_state, write_official

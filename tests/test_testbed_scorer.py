@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from elfctl import scoring
+from elfctl.scoring import metrics as scoring
 from elfctl.testbed.grammar import generate_corpus
 from elfctl.testbed.quality import shuffled_samples
 from elfctl.testbed.scorer import train_scorer

@@ -12,8 +12,14 @@ import pytest
 from typer.testing import CliRunner
 
 from elfctl.cli import app
-from elfctl.tracking import SCALARS, Tracking, hyperparameters, parse_log_with
-from elfctl.train import Trainer, make_accelerator
+from elfctl.training import (
+    SCALARS,
+    Tracking,
+    Trainer,
+    hyperparameters,
+    make_accelerator,
+    parse_log_with,
+)
 from tests.test_train import SMALL, small_config
 
 TRACKED = (
@@ -195,9 +201,8 @@ def test_a_missing_or_unknown_tracker_is_one_sentence_and_exit_2_before_any_work
 def test_distill_logs_each_round_as_its_own_tracker_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from elfctl.checkpoints import save_official_checkpoint
     from elfctl.config import resolve
-    from elfctl.model import ELF
+    from elfctl.model import ELF, save_official_checkpoint
     from tests.conftest import randomize_
     from tests.test_distill import SMALL as DISTILL_SMALL
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from elfctl.checkpoints import list_step_dirs, load_checkpoint
 from elfctl.config import resolve
 from elfctl.errors import UserError
-from elfctl.train import Trainer, make_accelerator, plan_batches, train
+from elfctl.model import list_step_dirs, load_checkpoint
+from elfctl.training import Trainer, make_accelerator, plan_batches, train
 
 SMALL = [
     "model.hidden_size=32",
@@ -106,7 +106,7 @@ def test_micro_batches_sharing_the_global_denominator_sum_to_the_full_batch_loss
     from dataclasses import fields
 
     from elfctl.config import ObjectiveConfig
-    from elfctl.objective import Draws, elf_loss
+    from elfctl.training import Draws, elf_loss
     from tests.test_objective import make_case
 
     model, x, ids, cond, loss_mask, draws = make_case()

@@ -7,9 +7,16 @@ import torch
 
 from elfctl.errors import UserError
 from elfctl.model import ELF
-from elfctl.sampler import SamplerSettings, decode, generate, sample_latents
-from elfctl.show import Trajectory, draw_trajectory, pick, trajectory_of
-from elfctl.trajectory import TrajectoryRecorder, frame_changes, recorded_steps
+from elfctl.runs import Trajectory, draw_trajectory, pick, trajectory_of
+from elfctl.sampling import (
+    SamplerSettings,
+    TrajectoryRecorder,
+    decode,
+    frame_changes,
+    generate,
+    recorded_steps,
+    sample_latents,
+)
 from tests.conftest import randomize_, tiny_model_config
 
 

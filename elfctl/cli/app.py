@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import UserError
+from elfctl.errors import UserError
 
 app = typer.Typer(
     name="elfctl",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from ..errors import UserError
-from .app import app, console, handle_errors, out
-from .progress import progress
+from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.progress import progress
+from elfctl.errors import UserError
 
 HELP = (
     "Convert an official JAX ELF checkpoint (or the JAX T5 encoder) to PyTorch; no JAX needed."
@@ -65,7 +65,7 @@ def convert_jax(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
-    from .. import convert_jax as conv
+    from elfctl.convert import jax as conv
 
     if compare and not encoder:
         raise UserError("--compare only applies to --encoder conversions.")

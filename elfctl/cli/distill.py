@@ -7,16 +7,16 @@ from pathlib import Path
 
 import typer
 
-from ..config import preset_names
-from .app import app, console, handle_errors, out
-from .progress import fit_with_progress
-from .train import Cpu, JsonOut, LogWith, MixedPrecision, PrintConfig, resolve_run_config
+from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.progress import fit_with_progress
+from elfctl.cli.train import Cpu, JsonOut, LogWith, MixedPrecision, PrintConfig, resolve_run_config
+from elfctl.config import preset_names
 
 
 @app.command(
     help=(
         "Distil a many-step ELF teacher into few-step students (progressive distillation, "
-        "ELF_SPEC.md section 8).\n\n"
+        "docs/method.md section 8).\n\n"
         "Round k trains a student that covers span distill.spans[k-1] in one step against "
         "the frozen teacher's Euler sub-steps. Each round is a normal run directory "
         "RUN_DIR/round_<k> whose checkpoints `elfctl sample` loads; re-running skips "
@@ -63,8 +63,8 @@ def distill(
     mixed_precision: MixedPrecision = None,
     json_out: JsonOut = False,
 ) -> None:
-    from ..config import dump_yaml
-    from ..errors import UserError
+    from elfctl.config import dump_yaml
+    from elfctl.errors import UserError
 
     if rounds is not None and round_ is not None:
         raise UserError("Give either --rounds or --round, not both.")
@@ -76,8 +76,7 @@ def distill(
         out.print(dump_yaml(cfg), highlight=False, soft_wrap=True)
         return
 
-    from ..distill import check_distill_config, parse_rounds
-    from ..tracking import parse_log_with
+    from elfctl.training import check_distill_config, parse_log_with, parse_rounds
 
     check_distill_config(cfg)
     trackers = parse_log_with(log_with)
@@ -86,9 +85,9 @@ def distill(
     if run_dir is None:
         run_dir = Path("runs") / (cfg.name if cfg.name.endswith("-pd") else f"{cfg.name}-pd")
 
-    from ..distill import distill as run_curriculum
-    from ..precision import training_precision
-    from ..train import make_accelerator
+    from elfctl.precision import training_precision
+    from elfctl.training import distill as run_curriculum
+    from elfctl.training import make_accelerator
 
     precision = training_precision(cpu, mixed_precision, cfg.train.gpu_precision)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=precision.mode)

@@ -9,9 +9,8 @@ from typing import Any
 
 import typer
 
-from ..errors import UserError
-from .app import app, console, handle_errors, out
-from .sample import (
+from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.sample import (
     HOLD_OPTION,
     INFILL_OPTION,
     KNOWN_ENCODING_OPTION,
@@ -19,12 +18,13 @@ from .sample import (
     PROMPTS_FILE_OPTION,
     prompting_fields,
 )
-from .score_distribution import (
+from elfctl.cli.score_distribution import (
     MAUVE_MODEL_OPTION,
     NUM_REFERENCES_OPTION,
     REFERENCE_FIELD_OPTION,
     REFERENCES_OPTION,
 )
+from elfctl.errors import UserError
 
 LOG_WIDTH = 400  # the table's width limit when stdout is not a terminal
 
@@ -125,11 +125,11 @@ def eval_command(
     known_encoding: str = KNOWN_ENCODING_OPTION,
 ) -> None:
     """Paper-table rows for a preset (help text: EVAL_HELP)."""
-    from .. import evaluate
-    from ..distributed import processes
-    from ..streams import GRIDS
-    from .app import quiet_unless_main
-    from .progress import progress
+    from elfctl.cli.app import quiet_unless_main
+    from elfctl.cli.progress import progress
+    from elfctl.distributed import processes
+    from elfctl.runs import evaluate
+    from elfctl.sampling import GRIDS
 
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
@@ -144,7 +144,7 @@ def eval_command(
     kinds = evaluate.parse_metrics(metrics) if metrics is not None else None
     reference_texts = _references(kinds, references, reference_field, num_references)
     out_dir = out_dir or evaluate.default_out_dir(config)
-    evaluate.check_out_dir(out_dir, chosen, force, seed_list)
+    evaluate.check_eval_out_dir(out_dir, chosen, force, seed_list)
 
     procs = processes(cpu)
     quiet_unless_main(procs)
@@ -200,8 +200,8 @@ def _references(kinds, references, field, limit):
         raise UserError("--references is only used by MAUVE; add mauve to --metrics.")
     if references is None:
         return None
-    from ..mauve_score import require_mauve
-    from .score_distribution import load_references
+    from elfctl.cli.score_distribution import load_references
+    from elfctl.scoring import require_mauve
 
     require_mauve()  # before the sampling, not after
     return load_references(references, field, None, limit)
@@ -212,10 +212,9 @@ def _scorer(
 ):
     """The functions behind the score-* commands, so eval's numbers are theirs. Cheap
     scorers run on every process and only the main one writes (`write`)."""
-    from ..diversity import DEFAULT_SEED, DEFAULT_SELF_BLEU_SAMPLES
-    from ..scoring import DEFAULT_MAX_LENGTH
-    from .score import score_bleu_files, score_ppl_files, score_rouge_files
-    from .score_distribution import score_diversity_files, score_mauve_files
+    from elfctl.cli.score import score_bleu_files, score_ppl_files, score_rouge_files
+    from elfctl.cli.score_distribution import score_diversity_files, score_mauve_files
+    from elfctl.scoring import DEFAULT_MAX_LENGTH, DEFAULT_SELF_BLEU_SAMPLES, SELF_BLEU_SEED
 
     references_name, reference_texts = references
 
@@ -244,7 +243,7 @@ def _scorer(
                 model,
                 max_length=DEFAULT_MAX_LENGTH,
                 self_bleu_samples=DEFAULT_SELF_BLEU_SAMPLES,
-                seed=DEFAULT_SEED,
+                seed=SELF_BLEU_SEED,
                 write=write,
             )
         raise ValueError(f"unknown scorer kind {kind!r}")
@@ -276,8 +275,8 @@ def _report(summary: dict[str, Any], json_out: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..config import SamplingSetting
-    from ..evaluate import METRICS, describe_sampler
+    from elfctl.config import SamplingSetting, describe_sampler
+    from elfctl.runs import METRICS
 
     rows = summary["rows"]
     names = [m for m in METRICS if any(m in row["metrics"] for row in rows)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, handle_errors, out
+from elfctl.cli.app import app, console, handle_errors, out
 
 
 @app.command(
@@ -42,10 +42,10 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT folder."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
-    from ..errors import UserError
-    from ..export import FORMATS
-    from ..export import export as run_export
-    from ..export import push_to_hub as push
+    from elfctl.convert import FORMATS
+    from elfctl.convert import export as run_export
+    from elfctl.convert import push_to_hub as push
+    from elfctl.errors import UserError
 
     if fmt not in FORMATS:
         raise UserError(f"--format must be official or elfctl, got '{fmt}'.")

@@ -19,7 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .app import console, is_terminal
+from elfctl.cli.app import console, is_terminal
 
 
 @contextlib.contextmanager

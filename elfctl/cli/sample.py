@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from ..errors import UserError
-from .app import app, console, handle_errors, out, quiet_unless_main
-from .progress import progress
+from elfctl.cli.app import app, console, handle_errors, out, quiet_unless_main
+from elfctl.cli.progress import progress
+from elfctl.errors import UserError
 
 # Prompting and infilling flags, shared with `elfctl eval` (see prompting_fields).
 PROMPT_OPTION = typer.Option(
@@ -155,10 +155,10 @@ def sample(
     """
     import dataclasses
 
-    from ..config import sampling_setting
-    from ..distributed import processes
-    from ..runs import SampleJob, load_for_sampling
-    from ..streams import GRIDS
+    from elfctl.config import sampling_setting
+    from elfctl.distributed import processes
+    from elfctl.runs import SampleJob, load_for_sampling
+    from elfctl.sampling import GRIDS
 
     if sampler is not None and sampler not in ("ode", "sde"):
         raise UserError(f"--sampler must be ode or sde, got '{sampler}'.")
@@ -179,7 +179,7 @@ def sample(
     out_dir = out_dir or Path("outputs") / time.strftime("sample-%Y%m%d-%H%M%S")
     _check_out_dir(out_dir, force)
     if input is not None:
-        from ..conditions import check_input_exists
+        from elfctl.data import check_input_exists
 
         check_input_exists(input)  # before the model, tokenizer and encoder load
 
@@ -276,13 +276,14 @@ def _sample_from_sources(
     run_options: tuple,
     extra: dict,
 ) -> None:
-    from ..conditions import count_truncated, read_source_rows
-    from ..runs import SampleJob
+    from elfctl.data import read_input_rows
+    from elfctl.runs import SampleJob
+    from elfctl.sampling import count_truncated
 
     data = loaded.config.data
     if split is None and input == data.validation:
         split = data.validation_split  # the preset's own evaluation set
-    rows = read_source_rows(input, source_field, reference_field, split, num_samples)
+    rows = read_input_rows(input, source_field, reference_field, split, num_samples)
     sources, references = rows.texts, rows.references
     n = len(sources)
     job = SampleJob(
@@ -346,7 +347,7 @@ def prompting_fields(
     known_encoding: str | None,
 ) -> dict:
     """SampleJob's prompting fields from the flags ({} without prompts or templates)."""
-    from ..prompting import ENCODINGS, HOLDS, read_prompts
+    from elfctl.sampling import ENCODINGS, HOLDS, read_prompts
 
     if hold is not None and hold not in HOLDS:
         raise UserError(f"--hold must be noised or clean, got '{hold}'.")
@@ -375,7 +376,7 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
 
 def _summarise(out_dir: Path, info: dict, json_out: bool) -> None:
-    from .. import records
+    from elfctl import records
 
     rows = records.read_samples(out_dir / "samples.jsonl")
     console.print(

@@ -17,9 +17,9 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from .. import records
-from ..errors import UserError
-from .app import app, console, handle_errors, out
+from elfctl import records
+from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.errors import UserError
 
 FILES_HELP = (
     "Samples files (JSONL), sample run directories (their samples.jsonl) or glob patterns "
@@ -28,7 +28,7 @@ FILES_HELP = (
 JSON_HELP = "Print the metrics records as JSON on stdout (the table goes to stderr)."
 
 PPL_HELP = (
-    "Generative perplexity and unigram entropy under a GPT-2 scorer (ELF_SPEC section 6)."
+    "Generative perplexity and unigram entropy under a GPT-2 scorer (docs/method.md section 6)."
     "\n\nToken-weighted over each file: exp(total next-token NLL / scored tokens). Each "
     "sample is retokenized with the scorer's tokenizer and truncated at --max-length; empty "
     "samples are skipped and counted. bf16 autocast on GPU, fp32 on CPU. A record is "
@@ -144,7 +144,7 @@ def report(records_: list[dict[str, Any]], title: str, columns: list[tuple[str, 
 
 
 def _progress_for(description: str, total: int):
-    from .progress import progress
+    from elfctl.cli.progress import progress
 
     return progress(description, total=total, unit="samples")
 
@@ -167,9 +167,9 @@ def score_ppl_files(
 
     Returns the records (plus one for all files together if `combined`).
     """
-    from .. import scoring
-    from ..distributed import processes
-    from .app import quiet_unless_main
+    from elfctl.cli.app import quiet_unless_main
+    from elfctl.distributed import processes
+    from elfctl.scoring import metrics as scoring
 
     procs = processes(cpu)  # under accelerate launch, each process scores a share
     quiet_unless_main(procs)
@@ -285,7 +285,7 @@ def score_ppl_command(
         ("entropy", "entropy"),
         ("samples/s", "samples_per_s"),
     ]
-    from ..distributed import processes
+    from elfctl.distributed import processes
 
     if processes(cpu).is_main:  # under accelerate launch every process has the result
         report(result_records, f"Gen PPL ({model})", columns, json_out)
@@ -297,7 +297,7 @@ def score_ppl_command(
 def score_bleu_files(
     inputs: list[tuple[Path, list[dict[str, Any]]]], write: bool = True
 ) -> list[dict[str, Any]]:
-    from .. import scoring
+    from elfctl.scoring import metrics as scoring
 
     out_records = []
     for path, rows in inputs:
@@ -316,7 +316,7 @@ def score_bleu_files(
 def score_rouge_files(
     inputs: list[tuple[Path, list[dict[str, Any]]]], write: bool = True
 ) -> list[dict[str, Any]]:
-    from .. import scoring
+    from elfctl.scoring import metrics as scoring
 
     out_records = []
     for path, rows in inputs:

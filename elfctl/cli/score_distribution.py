@@ -13,9 +13,9 @@ from typing import Any
 
 import typer
 
-from .. import records
-from .app import app, console, handle_errors
-from .score import FILES_HELP, JSON_HELP, _progress_for, read_inputs, report
+from elfctl import records
+from elfctl.cli.app import app, console, handle_errors
+from elfctl.cli.score import FILES_HELP, JSON_HELP, _progress_for, read_inputs, report
 
 DIVERSITY_HELP = (
     "Degeneration and diversity of each file: distinct-n (1-4, over the file), rep-n (1-4, "
@@ -79,7 +79,7 @@ def score_diversity_files(
     write: bool = True,
 ) -> list[dict[str, Any]]:
     """Score each input with every diversity metric; append a record beside each (if `write`)."""
-    from .. import diversity
+    from elfctl.scoring import diversity
 
     tokenizer = diversity.load_tokenizer(tokenizer_name)
     units = "words" if tokenizer is None else f"{tokenizer_name} tokens"
@@ -171,7 +171,7 @@ def score_mauve_files(
     """
     from accelerate import PartialState
 
-    from .. import mauve_score
+    from elfctl.scoring import mauve as mauve_score
 
     mauve_score.require_mauve()
     n_references = sum(1 for text in references if text)
@@ -230,7 +230,7 @@ def score_mauve_files(
 
 
 def load_references(source: str, field: str, split: str | None, limit: int) -> list[str]:
-    from ..mauve_score import read_references
+    from elfctl.scoring import read_references
 
     return read_references(source, field, split, limit)
 

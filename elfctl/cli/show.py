@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ..errors import UserError
-from .app import app, console, handle_errors
+from elfctl.cli.app import app, console, handle_errors
+from elfctl.errors import UserError
 
 
 @app.command(
@@ -43,7 +43,7 @@ def show(
     with the words that changed since the step before highlighted. A sweep directory
     (`elfctl sweep`) shows its table and where its plot is; --out draws the plot again.
     """
-    from ..show import PLOT_SUFFIXES, draw_trajectory, load_rows, pick, trajectory_of
+    from elfctl.runs import PLOT_SUFFIXES, draw_trajectory, load_rows, pick, trajectory_of
 
     if out is not None:
         if out.suffix not in PLOT_SUFFIXES:
@@ -96,8 +96,8 @@ def _print_row(row: dict, trajectory) -> None:
 
 
 def _show_sweep(directory: Path, out: Path | None) -> None:
-    from .. import sweep
-    from .sweep import report
+    from elfctl.cli.sweep import report
+    from elfctl.runs import sweep
 
     summary = sweep.load(directory)
     report(summary, json_out=False)

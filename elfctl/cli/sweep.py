@@ -9,14 +9,14 @@ from typing import Any
 
 import typer
 
-from ..errors import UserError
-from .app import app, console, handle_errors, out
-from .score_distribution import (
+from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.score_distribution import (
     MAUVE_MODEL_OPTION,
     NUM_REFERENCES_OPTION,
     REFERENCE_FIELD_OPTION,
     REFERENCES_OPTION,
 )
+from elfctl.errors import UserError
 
 SWEEP_HELP = (
     "Sample and score one sampling setting at several step counts (and seeds): a table of "
@@ -90,12 +90,11 @@ def sweep_command(
     import dataclasses
     import time
 
-    from .. import sweep
-    from ..config import sampling_setting
-    from ..distributed import processes
-    from ..runs import load_for_sampling
-    from .app import quiet_unless_main
-    from .progress import progress
+    from elfctl.cli.app import quiet_unless_main
+    from elfctl.cli.progress import progress
+    from elfctl.config import sampling_setting
+    from elfctl.distributed import processes
+    from elfctl.runs import load_for_sampling, sweep
 
     if sampler is not None and sampler not in ("ode", "sde"):
         raise UserError(f"--sampler must be ode or sde, got '{sampler}'.")
@@ -107,11 +106,11 @@ def sweep_command(
     seed_list = parse_seeds(seeds)
     sweep.require_matplotlib()  # before hours of sampling, not after
     out_dir = out_dir or Path("outputs") / time.strftime("sweep-%Y%m%d-%H%M%S")
-    sweep.check_out_dir(out_dir, step_counts, seed_list, force)
+    sweep.check_sweep_out_dir(out_dir, step_counts, seed_list, force)
     reference_texts = None
     if references is not None:
-        from ..mauve_score import require_mauve
-        from .score_distribution import load_references
+        from elfctl.cli.score_distribution import load_references
+        from elfctl.scoring import require_mauve
 
         require_mauve()  # before the sampling, not after
         reference_texts = load_references(references, reference_field, None, num_references)
@@ -176,7 +175,7 @@ def sweep_command(
 
 
 def parse_seeds(text: str) -> list[int]:
-    from ..sweep import parse_int_list
+    from elfctl.runs import parse_int_list
 
     return parse_int_list(text, "--seeds")
 
@@ -184,9 +183,9 @@ def parse_seeds(text: str) -> list[int]:
 def _scorer(model, batch_size, cpu, reference_texts, references_name, mauve_model, write):
     """The score-ppl / score-mauve functions, so a sweep's numbers are theirs (Gen PPL is
     shared by the processes; MAUVE runs on each and only the main one writes)."""
-    from ..scoring import DEFAULT_MAX_LENGTH
-    from .score import score_ppl_files
-    from .score_distribution import score_mauve_files
+    from elfctl.cli.score import score_ppl_files
+    from elfctl.cli.score_distribution import score_mauve_files
+    from elfctl.scoring import DEFAULT_MAX_LENGTH
 
     def score(kind: str, inputs):
         if kind == "gen_ppl":

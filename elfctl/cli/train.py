@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from ..config import Config, preset_names
-from .app import app, console, handle_errors, out
-from .progress import ChunkProgress, fit_with_progress
+from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.progress import ChunkProgress, fit_with_progress
+from elfctl.config import Config, preset_names
 
 # Options shared by the training commands (train, distill).
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the config and exit.")]
@@ -64,8 +64,8 @@ def resolve_run_config(
     mixed_precision: str | None,
 ) -> Config:
     """A training command's config, after checking the flags train and distill share."""
-    from ..config import resolve
-    from ..errors import UserError
+    from elfctl.config import resolve
+    from elfctl.errors import UserError
 
     if preset is None and config_file is None:
         raise UserError(
@@ -138,11 +138,11 @@ def train(
     mixed_precision: MixedPrecision = None,
     json_out: JsonOut = False,
 ) -> None:
-    from ..config import dump_yaml
-    from ..tracking import parse_log_with
+    from elfctl.config import dump_yaml
+    from elfctl.training import parse_log_with
 
     if init_weights not in (None, "ema", "raw"):
-        from ..errors import UserError
+        from elfctl.errors import UserError
 
         raise UserError(f"--init-weights must be ema or raw, got '{init_weights}'.")
     overrides = {
@@ -156,8 +156,8 @@ def train(
         return
     trackers = parse_log_with(log_with)
 
-    from ..precision import training_precision
-    from ..train import Trainer, make_accelerator
+    from elfctl.precision import training_precision
+    from elfctl.training import Trainer, make_accelerator
 
     precision = training_precision(cpu, mixed_precision, cfg.train.gpu_precision)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=precision.mode)

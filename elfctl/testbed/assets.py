@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from .grammar import END, VOCABULARY, generate_corpus
-from .translate import TARGET_VOCABULARY, make_pairs
+from elfctl.errors import UserError
+from elfctl.testbed.grammar import END, VOCABULARY, generate_corpus
+from elfctl.testbed.translate import TARGET_VOCABULARY, make_pairs
 
 ASSET_VERSION = 1
 URI_PREFIX = "testbed:"

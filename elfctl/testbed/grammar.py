@@ -1,7 +1,7 @@
 """A small synthetic language: a probabilistic grammar, a seeded generator, an exact recognizer.
 
 The language is sized to be learnable by the `tiny` preset (H128, depth 4) in a few CPU
-minutes (MEASURED.md): 27 words in 7 word classes plus the full stop, one sentence per text,
+minutes (docs/testbed.md): 27 words in 7 word classes plus the full stop, one sentence per text,
 3-8 words and a final "." (4-9 tokens). It is still a real grammar: noun phrases with an
 optional adjective, intransitive verbs with an optional adverb or prepositional phrase,
 transitive verbs with an object and an optional adverb.

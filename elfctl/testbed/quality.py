@@ -16,7 +16,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from .grammar import END, SOURCE, Grammar, generate_corpus
+from elfctl.testbed.grammar import END, SOURCE, Grammar, generate_corpus
 
 MIN_COPY_WORDS = 7
 

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .assets import cache_root, ensure_assets
+from elfctl.testbed.assets import cache_root, ensure_assets
 
 SCORER_VERSION = 1
 EOS = "<|endoftext|>"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 
-from .grammar import END, RULES, SOURCE, WORD_CLASSES, Grammar, Tree, leaves
+from elfctl.testbed.grammar import END, RULES, SOURCE, WORD_CLASSES, Grammar, Tree, leaves
 
 # Source word -> target word, class by class (the tokenizer's vocabulary follows this order).
 TARGET_WORD: dict[str, str] = {

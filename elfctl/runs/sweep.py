@@ -1,0 +1,333 @@
+"""Step sweeps: sample and score one sampling setting at several step counts (and seeds).
+
+A sweep directory:
+
+    <dir>/sweep.json                      settings and one row per step count (below)
+    <dir>/sweep.png                       quality against steps (`plot`)
+    <dir>/steps-<N>/seed-<S>/samples.jsonl, run.json, metrics.jsonl
+                                          one ordinary sample run dir per (steps, seed)
+
+Each row of sweep.json: `steps`, `n` (samples per seed), `seeds`, `run_dirs`, and under
+`metrics` one entry per metric (`gen_ppl`, `entropy`, `mauve` when references were given):
+`values` (one per seed, in seed order), `mean` and `stderr` (`stats.mean_stderr`; the error
+is 0 for one seed). `paper` holds the overlaid reference curve when asked for.
+
+Sampling is `runs.SampleJob` (what `elfctl sample` runs) and scoring is a hook (`ScoreFn`,
+as in evaluate.py) that the CLI fills with the functions behind `score-ppl` and
+`score-mauve`, so a sweep's numbers are exactly those commands' numbers. `load(dir)` and
+`plot(summary, path)` let other commands (`elfctl show`) open a sweep. Never prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+from elfctl import records
+from elfctl.config import SamplingSetting
+from elfctl.distributed import Processes
+from elfctl.errors import UserError
+from elfctl.runs.evaluate import LogFn, ProgressFn, ScoreFn, _no_progress
+from elfctl.runs.sample_job import LoadedModel, SampleJob
+from elfctl.runs.stats import mean_stderr
+from elfctl.version import __version__
+
+SWEEP_FILE = "sweep.json"
+PLOT_FILE = "sweep.png"
+PLOT_EXTRA_HINT = "pip install 'elfctl[plot]'"
+
+# The paper's ELF-B (OWT) Gen PPL at 8 / 16 / 32 / 64 sampling steps, for `--paper`.
+PAPER_ELF_B = {"label": "ELF-B, paper", "gen_ppl": {8: 67.32, 16: 33.66, 32: 24.08, 64: 19.72}}
+
+# metric -> (the metrics.jsonl record it is read from, the key in its values)
+SWEEP_METRICS = {
+    "gen_ppl": ("gen_ppl", "ppl"),
+    "entropy": ("gen_ppl", "entropy"),
+    "mauve": ("mauve", "mauve"),
+}
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def parse_int_list(text: str, option: str, minimum: int | None = None) -> list[int]:
+    """'8,16,32' -> [8, 16, 32]: integers, no repeats, each at least `minimum`."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers, got '{text}'.") from None
+    if not values:
+        raise UserError(f"{option} names no values.")
+    if len(set(values)) != len(values):
+        raise UserError(f"{option} names a value twice: '{text}'.")
+    if minimum is not None and min(values) < minimum:
+        raise UserError(f"{option} values must be at least {minimum}, got {min(values)}.")
+    return values
+
+
+def run_dir(out_dir: Path, steps: int, seed: int) -> Path:
+    return out_dir / f"steps-{steps}" / f"seed-{seed}"
+
+
+def check_sweep_out_dir(out_dir: Path, steps: list[int], seeds: list[int], force: bool) -> None:
+    """Refuse (before any work) to overwrite an earlier sweep without `force`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory.")
+    if force:
+        return
+    for name in (SWEEP_FILE, PLOT_FILE):
+        if (out_dir / name).exists():
+            raise UserError(f"{out_dir} already holds {name}; pass --force or another --out.")
+    for n in steps:
+        for seed in seeds:
+            for name in (records.SAMPLES_FILE, records.METRICS_FILE):
+                if (run_dir(out_dir, n, seed) / name).exists():
+                    raise UserError(
+                        f"{run_dir(out_dir, n, seed)} already holds {name}; pass --force or "
+                        "another --out."
+                    )
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_sweep(
+    loaded: LoadedModel,
+    setting: SamplingSetting,
+    *,
+    steps: list[int],
+    seeds: list[int],
+    out_dir: Path,
+    score: ScoreFn,
+    kinds: list[str],
+    num_samples: int,
+    batch_size: int,
+    length: int,
+    precision: str = "auto",
+    compile: bool = False,
+    force: bool = False,
+    paper: bool = False,
+    info: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    log: LogFn | None = None,
+    procs=None,
+) -> dict[str, Any]:
+    """Sample `setting` at each step count and seed, score every run with each scorer kind
+    (`gen_ppl`, `mauve`) once over all runs, write and return sweep.json (no plot).
+
+    Under several processes (`procs`, a `distributed.Processes`) each samples its share of
+    every run's batches (the samples do not depend on the split) and the main process
+    writes sweep.json."""
+
+    procs = procs or Processes(device=next(loaded.model.parameters()).device)
+
+    log = log or (lambda message: None)
+    progress = progress or _no_progress
+    check_sweep_out_dir(out_dir, steps, seeds, force)
+    runs: list[tuple[int, int, Path, dict[str, Any]]] = []
+    for n_steps in steps:
+        for seed in seeds:
+            directory = run_dir(out_dir, n_steps, seed)
+            if force and procs.is_main:  # old metrics describe samples about to be replaced
+                (directory / records.METRICS_FILE).unlink(missing_ok=True)
+            job = SampleJob(
+                setting=dataclasses.replace(setting, steps=n_steps),
+                num_samples=num_samples,
+                length=length,
+                seed=seed,
+                batch_size=min(batch_size, num_samples),
+                precision=precision,
+                compile=compile,
+                meta={"sweep": {"steps": n_steps, "seed": seed}},
+            )
+            log(f"steps {n_steps}, seed {seed}: sampling {num_samples} x {length} tokens")
+            with progress(f"sampling {n_steps} steps, seed {seed}", num_samples, "samples") as adv:
+                resume = "never" if force else "auto"
+                run_info = job.run(loaded, directory, on_batch=adv, procs=procs, resume=resume)
+            runs.append((n_steps, seed, directory, run_info))
+
+    by_dir: dict[str, list[dict[str, Any]]] = {_key(d): [] for _, _, d, _ in runs}
+    inputs = [(d / records.SAMPLES_FILE, records.read_samples(d)) for _, _, d, _ in runs]
+    for kind in kinds:
+        for record in score(kind, inputs):
+            by_dir[_key(Path(record["file"]).parent)].append(record)
+
+    rows = [
+        summarise_steps(n, [(seed, d, i) for s, seed, d, i in runs if s == n], by_dir, kinds)
+        for n in steps
+    ]
+    summary = {
+        "elfctl_version": __version__,
+        **(info or {}),
+        "sampler": _sampler(setting),
+        "steps": steps,
+        "seeds": seeds,
+        "num_samples": num_samples,
+        "length": length,
+        "metrics": [m for m, (kind, _) in SWEEP_METRICS.items() if kind in kinds],
+        "out_dir": str(out_dir),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rows": rows,
+        "paper": PAPER_ELF_B if paper else None,
+    }
+    if procs.is_main:
+        records.atomic_write_json(out_dir / SWEEP_FILE, summary)
+    return summary
+
+
+def summarise_steps(
+    n_steps: int,
+    seed_runs: list[tuple[int, Path, dict[str, Any]]],
+    by_dir: dict[str, list[dict[str, Any]]],
+    kinds: list[str],
+) -> dict[str, Any]:
+    """One sweep.json row: each metric per seed, and its mean and standard error."""
+    metrics = {}
+    for name, (record_metric, key) in SWEEP_METRICS.items():
+        if record_metric not in kinds:
+            continue
+        values = []
+        for _, directory, _ in seed_runs:
+            found = [r for r in by_dir[_key(directory)] if r["metric"] == record_metric]
+            value = found[-1]["values"].get(key) if found else None
+            values.append(value)
+        finite = [v for v in values if v is not None]
+        mean, stderr = mean_stderr(finite) if len(finite) == len(values) else (None, None)
+        metrics[name] = {"values": values, "mean": mean, "stderr": stderr}
+    return {
+        "steps": n_steps,
+        "n": seed_runs[0][2]["num_samples"],
+        "seeds": [seed for seed, _, _ in seed_runs],
+        "run_dirs": [str(directory) for _, directory, _ in seed_runs],
+        "metrics": metrics,
+        "wall_seconds": sum(info["wall_seconds"] for _, _, info in seed_runs),
+    }
+
+
+def _key(directory: Path) -> str:
+    return str(directory.resolve())
+
+
+def _sampler(setting: SamplingSetting) -> dict[str, Any]:
+    return {
+        "setting": setting.name,
+        "method": setting.method,
+        "gamma": setting.gamma,
+        "sc_cfg": setting.sc_cfg,
+        "cfg": setting.cfg,
+        "time_schedule": setting.time_schedule,
+    }
+
+
+# ----------------------------------------------------------------------------- reading, plotting
+
+
+def load(directory: str | Path) -> dict[str, Any]:
+    """The sweep.json of a sweep directory (or the file itself)."""
+    import json
+
+    path = Path(directory)
+    path = path / SWEEP_FILE if path.is_dir() else path
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (not a sweep directory).") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON ({e.msg}, line {e.lineno}).") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list):
+        raise UserError(f"{path}: not a sweep summary (no rows).")
+    return summary
+
+
+def require_matplotlib():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError(f"Plotting needs matplotlib: {PLOT_EXTRA_HINT}.") from None
+    return Figure
+
+
+def plot(summary: dict[str, Any], path: str | Path, paper: bool | None = None) -> Path:
+    """Quality against steps as a PNG: Gen PPL (left axis) and entropy (right axis), with
+    standard-error bars over seeds; MAUVE in a panel below when the sweep has it; the
+    paper's curve overlaid on the Gen PPL axis when `paper` (default: if the sweep asked)."""
+    Figure = require_matplotlib()
+    rows = summary["rows"]
+    steps = [row["steps"] for row in rows]
+    has_mauve = any("mauve" in row["metrics"] for row in rows)
+    overlay = summary.get("paper") if paper is None else (PAPER_ELF_B if paper else None)
+
+    figure = Figure(figsize=(7.0, 6.5 if has_mauve else 4.5), layout="constrained")
+    axes = figure.subplots(2 if has_mauve else 1, 1, sharex=True, squeeze=False)[:, 0]
+    ppl_axis = axes[0]
+    _series(ppl_axis, rows, "gen_ppl", "C0", "o", "Gen PPL")
+    ticks = set(steps)
+    if overlay:
+        points = sorted((int(k), v) for k, v in overlay["gen_ppl"].items())
+        x, y = zip(*points, strict=True)
+        ppl_axis.plot(x, y, "s--", color="C0", alpha=0.45, label=overlay["label"])
+        ticks.update(x)
+    ppl_axis.set_yscale("log")  # Gen PPL falls by multiples as steps double
+    _plain_log_labels(ppl_axis)
+    ppl_axis.set_ylabel("Gen PPL (lower is better, log scale)", color="C0")
+    entropy_axis = ppl_axis.twinx()
+    _series(entropy_axis, rows, "entropy", "C1", "^", "entropy")
+    entropy_axis.set_ylabel("unigram entropy (nats)", color="C1")
+    handles = ppl_axis.get_legend_handles_labels()
+    more = entropy_axis.get_legend_handles_labels()
+    ppl_axis.legend(handles[0] + more[0], handles[1] + more[1], loc="upper right", fontsize=8)
+    if has_mauve:
+        _series(axes[1], rows, "mauve", "C2", "D", "MAUVE")
+        axes[1].set_ylabel("MAUVE (higher is better)", color="C2")
+    bottom = axes[-1]
+    bottom.set_xscale("log", base=2)
+    bottom.set_xticks(sorted(ticks), [str(n) for n in sorted(ticks)])
+    bottom.minorticks_off()
+    bottom.set_xlabel("sampling steps")
+    sampler = summary.get("sampler", {})
+    seeds = summary.get("seeds") or [None]
+    gamma = f" gamma {sampler['gamma']:g}" if sampler.get("method") == "sde" else ""
+    title = (
+        f"{_short(summary.get('repo'))}: {str(sampler.get('method', '')).upper()}{gamma}, "
+        f"n = {summary.get('num_samples')} x {len(seeds)} seed{'s' if len(seeds) > 1 else ''}, "
+        f"scorer {_short(summary.get('scorer'))}"
+    )
+    figure.suptitle(title, fontsize=9)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return records.atomic_write_bytes(path, buffer.getvalue())
+
+
+def _short(name: str | None) -> str:
+    """A local path by its last part (a title has no room for /home/...); hub ids as they are."""
+    if not name:
+        return "?"
+    return Path(name).name if name.startswith(("/", ".", "~")) else name
+
+
+def _plain_log_labels(axis) -> None:
+    """'7', '8', '10' on a log axis instead of 7x10^0; minor ticks labelled too when the axis
+    spans less than a factor of 20 (else they would crowd)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axis.yaxis.set_major_formatter(plain)
+    low, high = axis.get_ylim()
+    narrow = low > 0 and high / low < 20
+    axis.yaxis.set_minor_formatter(plain if narrow else NullFormatter())
+
+
+def _series(axis, rows: list[dict[str, Any]], name: str, color: str, marker: str, label: str):
+    points = [
+        (row["steps"], row["metrics"][name]["mean"], row["metrics"][name]["stderr"])
+        for row in rows
+        if name in row["metrics"] and row["metrics"][name]["mean"] is not None
+    ]
+    if not points:
+        return
+    x, y, err = zip(*points, strict=True)
+    axis.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=3, label=label)
+    axis.tick_params(axis="y", colors=color)

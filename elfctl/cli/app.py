@@ -20,6 +20,7 @@ from rich.markup import escape
 from elfctl.cli.options import flag
 from elfctl.errors import UserError
 
+
 class _FlagHelp:
     """--help rendered as the flag it is: typer 0.29 shows every option's type (`<bool>`),
     and a metavar, empty as `options.flag` gives our own flags, is what replaces it."""

@@ -66,10 +66,8 @@ def test_pip_extras_are_shown_with_their_brackets(command, extra):
 
 def test_train_help_shows_the_multi_process_form_that_starts_two_processes_on_a_cpu():
     text = rendered_help("train")
-    assert (
-        "accelerate launch --multi_gpu --num_processes 2 -m elfctl train --preset tiny --cpu"
-        in (text)
-    )
+    multi = "accelerate launch --multi_gpu --num_processes 2 -m elfctl train --preset tiny --cpu"
+    assert multi in text
     assert "accelerate launch --num_processes 2 -m" not in text
 
 
@@ -85,8 +83,6 @@ def test_sample_and_eval_name_the_encoder_beside_the_tokenizer(command):
 
 def test_eval_help_says_which_config_it_evaluates_with():
     text = rendered_help("eval")
-    assert (
-        "with neither, a run dir (or a checkpoint of ours) is evaluated with the config.yaml"
-        in (text)
-    )
+    own = "with neither, a run dir (or a checkpoint of ours) is evaluated with the config.yaml"
+    assert own in text
     assert "testbed:grammar/scorer" in text

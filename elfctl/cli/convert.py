@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from elfctl.cli.app import app, console, handle_errors, out
-from elfctl.cli.options import flag
+from elfctl.cli.options import flag, json_flag
 from elfctl.cli.progress import progress
 from elfctl.errors import UserError
 
@@ -64,7 +64,7 @@ def convert_jax(
     compare: str = typer.Option(
         None, "--compare", help="With --encoder: reference T5 folder or hub id to compare with."
     ),
-    json_out: bool = flag("--json", help="Print the summary as JSON on stdout."),
+    json_out: bool = json_flag("the summary", table=False),
 ) -> None:
     from elfctl.convert import jax as conv
 

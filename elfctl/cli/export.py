@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from elfctl.cli.app import app, console, handle_errors, out
-from elfctl.cli.options import flag
+from elfctl.cli.options import flag, json_flag
 
 
 @app.command(
@@ -41,7 +41,7 @@ def export(
     ),
     private: bool = flag("--private", help="Create the hub repo as private."),
     force: bool = flag("--force", help="Replace an existing OUT folder."),
-    json_out: bool = flag("--json", help="Print a JSON summary on stdout."),
+    json_out: bool = json_flag("a summary", table=False),
 ) -> None:
     from elfctl.convert import FORMATS
     from elfctl.convert import export as run_export

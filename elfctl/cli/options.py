@@ -45,12 +45,12 @@ Precision = Annotated[
 ]
 Compile = Annotated[bool, flag_info("--compile", help="torch.compile the network.")]
 Cpu = Annotated[bool, flag_info("--cpu", help="Run on the CPU even if a GPU is present.")]
-Force = Annotated[bool, flag_info("--force", help="Overwrite earlier results in --out.")]
 
 
-def json_flag(what: str) -> Any:
-    """`--json`: print `what` (a JSON document) on stdout; tables and messages go to stderr."""
-    return flag("--json", help=f"Print {what} as JSON on stdout (the table goes to stderr).")
+def json_flag(what: str, table: bool = True) -> Any:
+    """`--json`: print `what` as JSON on stdout; messages (and the table) go to stderr."""
+    moved = " (the table goes to stderr)" if table else ""
+    return flag("--json", help=f"Print {what} as JSON on stdout{moved}.")
 
 
 def check_precision(precision: str) -> None:

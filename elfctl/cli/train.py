@@ -9,14 +9,13 @@ from typing import Annotated
 import typer
 
 from elfctl.cli.app import app, console, handle_errors, out
-from elfctl.cli.options import MixedPrecision, flag_info
+from elfctl.cli.options import MixedPrecision, flag_info, json_flag
 from elfctl.cli.options import TrainCpu as Cpu
 from elfctl.cli.progress import ChunkProgress, fit_with_progress
 from elfctl.config import Config, preset_names
 
 # Options shared by the training commands (train, distill).
 PrintConfig = Annotated[bool, flag_info("--print-config", help="Print the config and exit.")]
-JsonOut = Annotated[bool, flag_info("--json", help="Print a JSON summary on stdout.")]
 LogWith = Annotated[
     list[str],
     typer.Option(
@@ -150,7 +149,7 @@ def train(
     print_config: PrintConfig = False,
     cpu: Cpu = False,
     mixed_precision: MixedPrecision = None,
-    json_out: JsonOut = False,
+    json_out: bool = json_flag("a summary", table=False),
 ) -> None:
     from elfctl.config import dump_yaml
     from elfctl.errors import UserError

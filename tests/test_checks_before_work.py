@@ -107,6 +107,18 @@ def test_score_ppl_on_testbed_samples_defaults_to_the_testbed_scorer(
     assert json.loads(result.stdout)[0]["scorer"] == "testbed:grammar/scorer"
 
 
+def test_sweep_of_a_testbed_model_defaults_to_the_testbed_scorer(tmp_path, tiny_ckpt, monkeypatch):
+    from tests.gpt2_fixture import build_tiny_gpt2
+
+    scorer = build_tiny_gpt2(tmp_path / "gpt2")
+    monkeypatch.setattr("elfctl.scoring.files.ensure_grammar_scorer", lambda: str(scorer))
+    out = tmp_path / "sw"
+    args = ["--repo", tiny_ckpt, "--steps", 1, "--num-samples", 2, "--cpu", "--out", out]
+    result = invoke("sweep", *args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "sweep.json").read_text())["scorer"] == "testbed:grammar/scorer"
+
+
 def test_the_tiny_preset_names_the_testbed_scorer_and_official_presets_keep_gpt2_large():
     from elfctl.config import default_scorer, resolve
 
@@ -192,6 +204,7 @@ def test_train_on_a_finished_run_says_so_instead_of_a_zero_loss(tmp_path):
     first = invoke(*args, *sets)
     assert first.exit_code == 0, first.output
     assert "done: step 2" in first.stderr and "loss" in first.stderr
+    assert "x 1 processes x" in first.stderr  # the start-up line counts the processes
     again = invoke(*args, *sets)
     assert again.exit_code == 0, again.output
     assert "already finished: step 2" in again.stderr and "0.0000" not in again.stderr

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from elfctl.config import Config
 from elfctl.data.rows import Collator
 from elfctl.distributed import local_device
 from elfctl.errors import UserError
-from elfctl.model.checkpoints import WEIGHTS_FILE, save_model_checkpoint
+from elfctl.model.checkpoints import save_model_checkpoint
 from elfctl.model.encoder import load_encoder, load_tokenizer
 from elfctl.model.network import ELF
 from elfctl.precision import Precision, training_precision
@@ -376,20 +375,16 @@ class Trainer:
         return target
 
     def _load(self, checkpoint: Path) -> None:
-        from safetensors.torch import load_file
-
         acc = self.acc
         state = read_training_state(checkpoint, acc.process_index, acc.num_processes, self.device)
-        meta = json.loads((checkpoint / "meta.json").read_text())
-        self.step = meta["step"]
+        self.step = state.step
         self.data.load_state(state.epoch, state.position, state.stream)
         self.raw_model.load_state_dict(state.raw_weights, strict=True)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
-        ema_weights = load_file(str(checkpoint / WEIGHTS_FILE), device=str(self.device))
         self.ema.load_state_dict(
             {
-                "shadow": {k: ema_weights[k] for k in self.ema.shadow},
+                "shadow": {k: state.ema_weights[k] for k in self.ema.shadow},
                 "num_updates": state.ema_updates,
                 "decay": self.ema.decay,
                 "warmup": self.ema.warmup,

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from elfctl import records
 from elfctl.distributed import local_device
 from elfctl.errors import UserError
+from elfctl.model.checkpoints import WEIGHTS_FILE
 
 STATE_DIR = "training_state"
 
@@ -32,9 +34,11 @@ STATE_DIR = "training_state"
 class TrainingState:
     """What one process reads back from a checkpoint's training_state/ folder."""
 
+    step: int
     epoch: int
     position: int
     raw_weights: dict[str, torch.Tensor]
+    ema_weights: dict[str, torch.Tensor]  # the checkpoint's model.safetensors
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     ema_updates: Any
@@ -66,8 +70,9 @@ def write_shared_state(
 
 
 def read_training_state(checkpoint: Path, rank: int, world_size: int, device) -> TrainingState:
-    """Process `rank`'s view of `checkpoint`'s training state, on `device`; a checkpoint
-    written by another number of processes is a UserError (the data order would differ)."""
+    """Process `rank`'s view of `checkpoint`'s training state (and its EMA weights), on
+    `device`. A checkpoint written by another number of processes is a UserError: the data
+    order would differ."""
     folder = checkpoint / STATE_DIR
     trainer = json.loads((folder / "trainer.json").read_text())
     if trainer["world_size"] != world_size:
@@ -81,10 +86,13 @@ def read_training_state(checkpoint: Path, rank: int, world_size: int, device) ->
         return torch.load(folder / name, map_location=location, weights_only=True)
 
     stream_file = folder / f"stream_rank{rank}.json"
+    meta = json.loads((checkpoint / "meta.json").read_text())
     return TrainingState(
+        step=meta["step"],
         epoch=trainer["epoch"],
         position=trainer["position"],
         raw_weights=load("model_raw.pt", device),
+        ema_weights=load_file(str(checkpoint / WEIGHTS_FILE), device=str(device)),
         optimizer=load("optimizer.pt", device),
         scheduler=load("scheduler.pt", "cpu"),
         ema_updates=load("ema_updates.pt", "cpu"),

@@ -20,9 +20,15 @@ class BatcherStats:
     batches: int = 0
     rows: int = 0
     dropped: int = 0  # jobs whose clients left before their batch
+    running: int = 0  # jobs in the batch being sampled now
 
     def as_dict(self) -> dict:
-        return {"batches": self.batches, "rows": self.rows, "dropped_jobs": self.dropped}
+        return {
+            "running_requests": self.running,
+            "batches": self.batches,
+            "rows": self.rows,
+            "dropped_jobs": self.dropped,
+        }
 
 
 class Batcher:
@@ -75,6 +81,7 @@ class Batcher:
                 return
             if not jobs:
                 continue
+            self.stats.running = len(jobs)
             try:
                 self.run_batch(jobs)
             except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server
@@ -82,6 +89,7 @@ class Batcher:
                     job.deliver("error", f"Sampling failed: {type(e).__name__}: {e}")
                 if self.on_error is not None:
                     self.on_error(e)
+            self.stats.running = 0
             self.stats.batches += 1
             self.stats.rows += sum(job.rows for job in jobs)
 

@@ -7,7 +7,10 @@ queued and stops the sampling thread, and the process exits.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
+import threading
 from collections.abc import Callable
 
 from elfctl.errors import UserError
@@ -58,10 +61,8 @@ class Server:
             self.app, host=host, port=port, log_level="warning", lifespan="on"
         )
         self.server = self._uvicorn.Server(config)
-        if sock is not None:
-            self.server.run(sockets=[sock])
-        else:
-            self.server.run()
+        with _sigterm_is_a_stop():
+            self.server.run(sockets=[sock] if sock is not None else None)
 
     @property
     def started(self) -> bool:
@@ -70,6 +71,20 @@ class Server:
     def stop(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
+
+
+@contextlib.contextmanager
+def _sigterm_is_a_stop():
+    """uvicorn stops gracefully on SIGTERM and then raises the signal again under the handler
+    that was there before: with this one the process then exits normally (status 0)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:

@@ -58,7 +58,9 @@ def texts(response) -> list[str]:
 
 def offline(ckpt, tmp_path, *args) -> list[dict]:
     out = tmp_path / f"offline{len(list(tmp_path.iterdir()))}"
-    result = CliRunner().invoke(app, ["sample", "--repo", str(ckpt), "--out", str(out), *args])
+    result = CliRunner().invoke(
+        app, ["sample", "--repo", str(ckpt), "--out", str(out), *map(str, args)]
+    )
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
@@ -378,6 +380,16 @@ def test_the_playground_is_one_page_that_fetches_nothing_from_other_hosts(server
         assert element in html
 
 
+def test_the_server_binds_loopback_unless_told_otherwise():
+    import inspect
+
+    from elfctl.cli.serve import serve
+    from elfctl.serve import Server
+
+    assert inspect.signature(serve).parameters["host"].default.default == "127.0.0.1"
+    assert inspect.signature(Server.run).parameters["host"].default == "127.0.0.1"
+
+
 def test_a_missing_extra_is_one_clear_sentence(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     with pytest.raises(UserError, match=r"pip install 'elfctl\[serve\]'"):
@@ -432,8 +444,27 @@ def test_on_sigterm_the_server_answers_what_is_in_flight_then_exits(ckpt):
         thread.join(TIMEOUT)
         assert results and len(texts(results[0])) == 1  # answered, not dropped
         assert proc.wait(timeout=60) == 0
-        assert "serving tiny" in proc.stderr.read()
+        assert "stopped: every request in flight was answered" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# ---------------------------------------------------------------------------- conditional
+
+
+def test_a_conditional_model_takes_a_condition_and_matches_offline_sampling(tmp_path):
+    ckpt = random_checkpoint(tmp_path / "tt", "tiny-translate")
+    loaded = load_for_sampling(str(ckpt), None, None, "cpu", for_prompting=True)
+    source = "the dog sleeps ."
+    (tmp_path / "src.txt").write_text(f"{source}\n{source}\n")
+    rows = offline(ckpt, tmp_path, "--input", tmp_path / "src.txt", "--seed", 3, "--steps", 4)
+    with running(loaded) as (base, _):
+        got = texts(post(base, {"condition": source, "n": 2, "seed": 3, "steps": 4}))
+        assert got == [r["text"] for r in rows]
+        refused = post(base, {"condition": 7, "steps": 4})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "condition"
+        budget = loaded.config.data.max_length - loaded.config.data.max_input_length
+        too_long = post(base, {"condition": source, "max_tokens": budget + 1})
+        assert too_long.status_code == 400 and "output budget" in too_long.text

@@ -8,6 +8,7 @@ the API key), never a 500, and it leaves the server as it was.
 # No `from __future__ import annotations` here: FastAPI reads the route functions'
 # annotations at runtime, and `Request` is imported inside build_app (an optional extra).
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -32,14 +33,12 @@ def build_app(
 ):
     """The ASGI app; it starts `batcher` on startup and, on shutdown (after the server has
     finished the requests in flight), samples what is queued and stops it."""
-    from contextlib import asynccontextmanager
-
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(_app):
         batcher.start()
         yield
@@ -113,7 +112,8 @@ def build_app(
         events: asyncio.Queue = asyncio.Queue()
 
         def deliver(kind: str, payload) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
         job = engine.job(completion, deliver)
         try:

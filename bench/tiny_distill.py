@@ -118,7 +118,7 @@ def distil(teacher: Path, run_dir: Path, args) -> tuple[list, float]:
     return results, time.perf_counter() - start
 
 
-def acceptance(source: str, steps: list[int], args, train_texts, method: str = "sde") -> dict:
+def acceptance(checkpoint: str, steps: list[int], args, train_texts, method: str = "sde") -> dict:
     """{steps: evaluate_samples(...)} for one checkpoint.
 
     The logit-normal grid is drawn once per batch, and at 2-8 steps one grid moves the
@@ -127,7 +127,7 @@ def acceptance(source: str, steps: list[int], args, train_texts, method: str = "
     from elfctl.sampling import generate
     from elfctl.testbed.quality import evaluate_samples
 
-    loaded = load_for_sampling(source)
+    loaded = load_for_sampling(checkpoint)
     out = {}
     for k in steps:
         texts = generate(

@@ -81,11 +81,11 @@ def score(texts: list[str], train_texts: list[str], grammar) -> dict:
     return evaluate_samples(texts, train_texts, grammar=grammar)
 
 
-def samples_of(source: str, n: int, seed: int) -> list[str]:
+def samples_of(checkpoint: str, n: int, seed: int) -> list[str]:
     from elfctl.runs import load_for_sampling
     from elfctl.sampling import generate, setting_kwargs
 
-    loaded = load_for_sampling(source)
+    loaded = load_for_sampling(checkpoint)
     setting = loaded.config.sampling[0]
     out = generate(
         loaded.model,

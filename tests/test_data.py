@@ -1,4 +1,4 @@
-"""Collation masks, row sources and the resumable sampler (docs/method.md section 2).
+"""Collation masks, corpora and the resumable sampler (docs/method.md section 2).
 
 Every source is loaded through the real code path (`load_from_disk`,
 `load_dataset`, `AutoTokenizer.from_pretrained`) on folders built here.
@@ -90,7 +90,7 @@ def test_collator_takes_pad_and_eos_ids_from_the_tokenizer(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Raw text sources
+# Raw text corpora
 
 
 @pytest.fixture
@@ -166,10 +166,10 @@ def test_plain_text_cannot_be_conditional(tmp_path, tokenizer):
         load_rows(str(tmp_path / "a.txt"), DataConfig(conditional=True), tokenizer)
 
 
-@pytest.mark.parametrize("source", ["./missing.jsonl", "/no/such/folder", "data.txt"])
-def test_missing_local_paths_are_not_found(source, tokenizer):
+@pytest.mark.parametrize("corpus", ["./missing.jsonl", "/no/such/folder", "data.txt"])
+def test_missing_local_paths_are_not_found(corpus, tokenizer):
     with pytest.raises(UserError, match="not found"):
-        load_rows(source, DataConfig(), tokenizer)
+        load_rows(corpus, DataConfig(), tokenizer)
 
 
 def test_unusable_local_paths_are_user_errors(tmp_path, tokenizer):

@@ -21,9 +21,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def source_run(tmp_path_factory):
+def init_run(tmp_path_factory):
     """A 3-step tiny run whose EMA and raw weights differ (EMA warm-up, lr > 0)."""
-    run = tmp_path_factory.mktemp("source") / "run"
+    run = tmp_path_factory.mktemp("init") / "run"
     train(small_config("train.max_steps=3"), run, accelerator=make_accelerator(cpu=True))
     return run
 
@@ -38,9 +38,9 @@ def assert_exactly(state, expected):
         assert torch.equal(state[name].cpu(), expected[name]), name
 
 
-def test_step_zero_weights_equal_the_sources_ema_weights_exactly(tmp_path, source_run):
-    ckpt = newest(source_run)
-    cfg = small_config("train.max_steps=2", f"train.init={source_run}")
+def test_step_zero_weights_equal_the_init_checkpoints_ema_weights_exactly(tmp_path, init_run):
+    ckpt = newest(init_run)
+    cfg = small_config("train.max_steps=2", f"train.init={init_run}")
     trainer = Trainer(cfg, tmp_path / "ft", make_accelerator(cpu=True))
     ema = load_file(str(ckpt / "model.safetensors"))
     assert_exactly(trainer.raw_model.state_dict(), ema)
@@ -49,7 +49,7 @@ def test_step_zero_weights_equal_the_sources_ema_weights_exactly(tmp_path, sourc
     assert trainer.scheduler.last_epoch == 0 and trainer.ema.num_updates == 0
     assert_exactly({k: v for k, v in trainer.ema.shadow.items()}, ema)
     assert trainer.cfg.train.init_from == {
-        "source": str(source_run),
+        "source": str(init_run),
         "path": str(ckpt),
         "format": "elfctl",
         "step": 3,
@@ -58,19 +58,19 @@ def test_step_zero_weights_equal_the_sources_ema_weights_exactly(tmp_path, sourc
     }
 
 
-def test_raw_init_weights_are_the_sources_raw_training_weights(tmp_path, source_run):
-    raw_file = newest(source_run) / "training_state" / "model_raw.pt"
-    cfg = small_config(f"train.init={source_run}", "train.init_weights=raw")
+def test_raw_init_weights_are_the_checkpoints_raw_training_weights(tmp_path, init_run):
+    raw_file = newest(init_run) / "training_state" / "model_raw.pt"
+    cfg = small_config(f"train.init={init_run}", "train.init_weights=raw")
     trainer = Trainer(cfg, tmp_path / "ft", make_accelerator(cpu=True))
     raw = torch.load(raw_file, weights_only=True)
     assert_exactly(trainer.raw_model.state_dict(), raw)
-    ema = load_file(str(newest(source_run) / "model.safetensors"))
+    ema = load_file(str(newest(init_run) / "model.safetensors"))
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the two really differ
     assert trainer.cfg.train.init_from["sha256"] == file_sha256(raw_file)
 
 
-def test_an_official_checkpoint_file_initialises_from_its_ema_params(tmp_path, source_run):
-    ema = load_file(str(newest(source_run) / "model.safetensors"))
+def test_an_official_checkpoint_file_initialises_from_its_ema_params(tmp_path, init_run):
+    ema = load_file(str(newest(init_run) / "model.safetensors"))
     params = {k: v + 1.0 for k, v in ema.items()}
     official = save_official_checkpoint(tmp_path / "hub" / "checkpoint_700", params, ema, 700)
     cfg = small_config(f"train.init={official}")
@@ -83,21 +83,23 @@ def test_an_official_checkpoint_file_initialises_from_its_ema_params(tmp_path, s
     assert_exactly(raw_trainer.raw_model.state_dict(), params)
 
 
-def test_an_unconditional_checkpoint_fine_tunes_on_conditional_data(tmp_path, source_run):
-    cfg = resolve("tiny-translate", sets=SMALL + [f"train.init={source_run}", "train.max_steps=1"])
+def test_an_unconditional_checkpoint_fine_tunes_on_conditional_data(tmp_path, init_run):
+    cfg = resolve("tiny-translate", sets=SMALL + [f"train.init={init_run}", "train.max_steps=1"])
     result = train(cfg, tmp_path / "ft", accelerator=make_accelerator(cpu=True))
     assert result.step == 1
 
 
-def test_the_run_config_records_provenance_and_a_resume_needs_no_source(tmp_path, source_run):
-    source = tmp_path / "copy"
-    shutil.copytree(source_run, source)
+def test_the_run_config_records_provenance_and_a_resume_needs_no_init_checkpoint(
+    tmp_path, init_run
+):
+    copied = tmp_path / "copy"
+    shutil.copytree(init_run, copied)
     run = tmp_path / "ft"
-    sets = [f"train.init={source}"]
+    sets = [f"train.init={copied}"]
     train(small_config("train.max_steps=2", *sets), run, accelerator=make_accelerator(cpu=True))
     saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
-    assert saved["init"] == str(source) and saved["init_from"]["step"] == 3
-    shutil.rmtree(source)  # a resume takes its weights from its own checkpoint
+    assert saved["init"] == str(copied) and saved["init_from"]["step"] == 3
+    shutil.rmtree(copied)  # a resume takes its weights from its own checkpoint
     result = train(
         small_config("train.max_steps=4", *sets), run, accelerator=make_accelerator(cpu=True)
     )
@@ -108,10 +110,10 @@ def test_the_run_config_records_provenance_and_a_resume_needs_no_source(tmp_path
     )
 
 
-def test_a_config_that_contradicts_the_sources_architecture_names_the_mismatch(
-    tmp_path, source_run
+def test_a_config_that_contradicts_the_checkpoints_architecture_names_the_mismatch(
+    tmp_path, init_run
 ):
-    cfg = small_config(f"train.init={source_run}", "model.depth=3", "model.hidden_size=64")
+    cfg = small_config(f"train.init={init_run}", "model.depth=3", "model.hidden_size=64")
     with pytest.raises(UserError, match=r"model\.hidden_size=32 \(config: 64\).*model\.depth=2"):
         Trainer(cfg, tmp_path / "ft", make_accelerator(cpu=True))
 
@@ -122,11 +124,11 @@ def invoke_train(run_dir, *args):
     return runner.invoke(app, argv)
 
 
-def test_train_init_from_the_cli_prints_the_source_and_trains(tmp_path, source_run):
+def test_train_init_from_the_cli_prints_the_checkpoint_and_trains(tmp_path, init_run):
     run = tmp_path / "ft"
-    result = invoke_train(run, "--init", str(source_run), "--max-steps", "1")
+    result = invoke_train(run, "--init", str(init_run), "--max-steps", "1")
     assert result.exit_code == 0, result.output
-    assert f"fine-tuning from {source_run}: ema weights of step 3" in result.output
+    assert f"fine-tuning from {init_run}: ema weights of step 3" in result.output
     assert (run / "checkpoints" / "step_00000001" / "model.safetensors").is_file()
 
 
@@ -138,10 +140,10 @@ def test_train_init_from_the_cli_prints_the_source_and_trains(tmp_path, source_r
     ],
 )
 def test_bad_init_requests_are_one_sentence_exit_2_and_leave_no_run_dir(
-    tmp_path, source_run, extra, message
+    tmp_path, init_run, extra, message
 ):
     run = tmp_path / "ft"
-    result = invoke_train(run, "--init", str(source_run), "--max-steps", "1", *extra)
+    result = invoke_train(run, "--init", str(init_run), "--max-steps", "1", *extra)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if "error:" in line] == [
@@ -150,7 +152,7 @@ def test_bad_init_requests_are_one_sentence_exit_2_and_leave_no_run_dir(
     assert not run.exists()
 
 
-def test_an_init_source_that_does_not_exist_is_a_clear_error(tmp_path):
+def test_an_init_checkpoint_that_does_not_exist_is_a_clear_error(tmp_path):
     run = tmp_path / "ft"
     result = invoke_train(run, "--init", str(tmp_path / "nowhere"), "--max-steps", "1")
     assert result.exit_code == 2 and "Checkpoint not found" in result.output

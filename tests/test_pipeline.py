@@ -118,9 +118,9 @@ def test_a_second_run_reuses_the_cache_and_does_not_call_the_tokenizer(tmp_path,
     assert all(str(built.prepared.folder) in f["filename"] for f in reused.rows.cache_files)
 
 
-def _rebuilds(source, cfg, tokenizer) -> bool:
+def _rebuilds(corpus, cfg, tokenizer) -> bool:
     counting = CountingTokenizer(tokenizer)
-    out = load_corpus(source, cfg, counting)
+    out = load_corpus(corpus, cfg, counting)
     return out.prepared.built and counting.calls > 0
 
 
@@ -202,7 +202,7 @@ def test_tokenization_reports_progress_in_documents_and_tokens(tmp_path, tokeniz
     assert len(calls) > 3 and [c[0] for c in calls] == sorted(c[0] for c in calls)
 
 
-def test_glob_sources_and_mixed_txt_jsonl_folders_keep_sorted_file_order(tmp_path, tokenizer):
+def test_glob_corpora_and_mixed_txt_jsonl_folders_keep_sorted_file_order(tmp_path, tokenizer):
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "a.txt").write_text("the cat\n")

@@ -226,20 +226,20 @@ def test_distill_refuses_a_streamed_dataset(tmp_path):
 @pytest.mark.parametrize("kind", ["glob", "file", "txt"])
 def test_local_files_and_globs_stream_and_resume_exactly(tmp_path, tokenizer, kind):
     repo = text_repo(tmp_path / "repo", TEXTS, shards=2)
-    source = str(repo / "*.jsonl") if kind == "glob" else str(repo / "train-00.jsonl")
+    corpus = str(repo / "*.jsonl") if kind == "glob" else str(repo / "train-00.jsonl")
     texts = TEXTS if kind == "glob" else TEXTS[:6]
     if kind == "txt":  # one example per non-empty line
-        source = str(tmp_path / "corpus.txt")
-        Path(source).write_text("\n".join(t + "\n" for t in TEXTS))
+        corpus = str(tmp_path / "corpus.txt")
+        Path(corpus).write_text("\n".join(t + "\n" for t in TEXTS))
         texts = TEXTS
     cfg = DataConfig(max_length=16)
-    stream = RowStream(source, cfg, tokenizer, "train")
-    check_exact_resume(lambda: RowStream(source, cfg, tokenizer, "train").stream, source)
+    stream = RowStream(corpus, cfg, tokenizer, "train")
+    check_exact_resume(lambda: RowStream(corpus, cfg, tokenizer, "train").stream, corpus)
     first = stream.take(4)
     state = json.loads(json.dumps(stream.state_dict()))
     rest = stream.take(len(texts) - 4)
     assert [row["input_ids"] for row in first + rest] == ids_of(tokenizer, texts)
-    resumed = RowStream(source, cfg, tokenizer, "train")
+    resumed = RowStream(corpus, cfg, tokenizer, "train")
     resumed.load_state_dict(state)
     assert resumed.take(len(texts) - 4) == rest
 

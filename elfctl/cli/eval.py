@@ -177,7 +177,7 @@ def eval_command(
     quiet_unless_main(procs)
     device = procs.device
     request = evaluate.EvalRequest(
-        source=repo,
+        checkpoint=repo,
         config=config,
         settings=chosen,
         out_dir=out_dir,

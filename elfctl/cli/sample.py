@@ -183,7 +183,7 @@ def sample(
     check_precision(precision)
     check_choice("--grid", grid, GRIDS)
     request = SampleRequest(
-        source=repo,
+        checkpoint=repo,
         out_dir=out_dir or Path("outputs") / time.strftime("sample-%Y%m%d-%H%M%S"),
         preset=preset,
         setting=setting,

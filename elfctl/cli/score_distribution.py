@@ -111,12 +111,12 @@ def score_diversity_command(
 # ----------------------------------------------------------------------------- score-mauve
 
 
-def load_references(source: str, field: str, split: str | None, limit: int) -> list[str]:
+def load_references(references: str, field: str, split: str | None, limit: int) -> list[str]:
     """MAUVE's human texts, read before any sampling or featurizing."""
     from elfctl.scoring import read_references, require_mauve
 
     require_mauve()
-    return read_references(source, field, split, limit)
+    return read_references(references, field, split, limit)
 
 
 @app.command(

@@ -68,7 +68,7 @@ def resolve_run_config(
     return resolve(preset, config_file, overrides, sets)
 
 
-def print_prepared_rows(source: str, prepared) -> None:
+def print_prepared_rows(corpus: str, prepared) -> None:
     """One line on the rows the data pipeline built or found in its cache."""
     if prepared is None:
         return
@@ -77,7 +77,7 @@ def print_prepared_rows(source: str, prepared) -> None:
     what = "tokenized" if "files" in m else "packed"
     verb = f"{what} now" if prepared.built else "reused from the cache"
     console.print(
-        f"data: {source}: {m['rows']:,} {kind} ({m['tokens']:,} tokens, "
+        f"data: {corpus}: {m['rows']:,} {kind} ({m['tokens']:,} tokens, "
         f"{m['documents']:,} documents), {verb}: {prepared.folder}",
         highlight=False,
     )

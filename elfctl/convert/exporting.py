@@ -7,13 +7,13 @@ fine-tuning provenance, and the figures of any `eval.json` given or found in the
 * `official` (default): the official PyTorch port's layout, docs/method.md section 7: one
   file `checkpoint_<step>`, a `torch.save` dict whose `params` (raw weights) and
   `ema_params1` (EMA weights) use the official key names, so the official code loads them
-  with `load_state_dict(strict=True)`. Where the source holds no raw weights (our
+  with `load_state_dict(strict=True)`. Where the checkpoint holds no raw weights (our
   `model.safetensors` alone, or a folder exported before), `params` repeats the EMA weights
   and the card says so.
 * `elfctl`: our checkpoint layout (`model.safetensors` with the EMA weights, `config.yaml`,
   `meta.json`).
 
-`elfctl sample --repo OUT` reads either and samples exactly as from the source: the config
+`elfctl sample --repo OUT` reads either and samples exactly as from the checkpoint: the config
 beside the checkpoint brings the tokenizer, encoder, latent statistics and sampling
 settings. The folder is built under a temporary name and renamed into place; an existing
 OUT is replaced only with `force`.
@@ -53,7 +53,7 @@ class ExportResult:
 
 
 def export(
-    source: str,
+    checkpoint: str,
     out_dir: str | Path,
     fmt: str = "official",
     *,
@@ -65,11 +65,11 @@ def export(
         raise UserError(f"--format must be official or elfctl, got '{fmt}'.")
     out_dir = Path(out_dir)
     check_export_dir(out_dir, force)
-    ema = load_checkpoint(source)
+    ema = load_checkpoint(checkpoint)
     config = checkpoint_config(ema, None)
-    raw = _raw_weights(source)
+    raw = _raw_weights(checkpoint)
     step = int(ema.step or 0)
-    evals = [_read_eval(Path(p)) for p in (eval_files or _found_evals(source))]
+    evals = [_read_eval(Path(p)) for p in (eval_files or _found_evals(checkpoint))]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
@@ -111,11 +111,11 @@ def check_export_dir(out_dir: Path, force: bool) -> None:
         raise UserError(f"{out_dir} already exists and is not empty; pass --force to replace it.")
 
 
-def _raw_weights(source: str):
-    """The source's raw training weights, or None where it holds only EMA weights."""
+def _raw_weights(checkpoint: str):
+    """The checkpoint's raw training weights, or None where it holds only EMA weights."""
 
     try:
-        return load_checkpoint(source, weights="params").state_dict
+        return load_checkpoint(checkpoint, weights="params").state_dict
     except UserError:
         return None
 
@@ -125,9 +125,9 @@ def _meta(path: str) -> str:
     return meta.read_text() if meta.is_file() else "{}"
 
 
-def _found_evals(source: str) -> list[Path]:
+def _found_evals(checkpoint: str) -> list[Path]:
     """An eval.json kept in the run directory (`RUN/eval.json` or `RUN/eval/eval.json`)."""
-    root = Path(source).expanduser()
+    root = Path(checkpoint).expanduser()
     candidates = [root / "eval.json", root / "eval" / "eval.json"]
     return [p for p in candidates if p.is_file()]
 

@@ -1,6 +1,6 @@
 """Raw text -> token rows through `datasets`: load, tokenize, pack, cache.
 
-`.txt` / `.jsonl` sources (a file, a folder searched recursively, or a glob) are read
+`.txt` / `.jsonl` corpora (a file, a folder searched recursively, or a glob) are read
 with `load_dataset("text" | "json", data_files=...)`, tokenized by a batched `map`
 over `data.num_proc` processes, optionally packed, and saved with `save_to_disk`
 under a cache key. Later runs with the same key load that folder (`load_from_disk`,
@@ -64,22 +64,22 @@ class PreparedRows:
 
 
 # ---------------------------------------------------------------------------
-# ConditionInputs
+# Raw text files
 
 
-def is_glob(source: str) -> bool:
-    return any(c in source for c in "*?[")
+def is_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
 
 
-def text_files(source: str | Path) -> list[Path]:
+def text_files(corpus: str | Path) -> list[Path]:
     """The .txt / .jsonl files named by a file, a folder (searched recursively) or a glob."""
-    if isinstance(source, str) and is_glob(source):
-        matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+    if isinstance(corpus, str) and is_glob(corpus):
+        matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(corpus), recursive=True))
         files = [p for p in matched if p.is_file() and p.suffix in TEXT_SUFFIXES]
         if not files:
-            raise UserError(f"The pattern {source} matches no .txt or .jsonl files.")
+            raise UserError(f"The pattern {corpus} matches no .txt or .jsonl files.")
         return files
-    path = Path(source).expanduser()
+    path = Path(corpus).expanduser()
     if path.is_file():
         if path.suffix not in TEXT_SUFFIXES:
             raise UserError(
@@ -166,7 +166,7 @@ def default_cache_dir() -> Path:
 
 
 def prepare_text_rows(
-    source: str | Path,
+    corpus: str | Path,
     cfg: DataConfig,
     tokenizer,
     *,
@@ -174,13 +174,13 @@ def prepare_text_rows(
     may_build: bool = True,
     on_progress: Progress | None = None,
 ) -> PreparedRows:
-    """The token rows of a raw-text source, from the cache or tokenized now.
+    """The token rows of a raw-text corpus, from the cache or tokenized now.
 
     `may_build=False` (the non-main processes of a launch) loads the cache only: those
     processes never tokenize; the main process has built the entry before they look.
     """
     check_data_settings(cfg)
-    files = text_files(source)
+    files = text_files(corpus)
     if cfg.conditional and any(f.suffix == ".txt" for f in files):
         plain = next(f for f in files if f.suffix == ".txt")
         raise UserError(
@@ -190,14 +190,14 @@ def prepare_text_rows(
     key, inputs = cache_key(files, tokenizer, cfg)
 
     def build(staging: Path):
-        return build_rows(files, cfg, tokenizer, staging, on_progress, source)
+        return build_rows(files, cfg, tokenizer, staging, on_progress, corpus)
 
     root = Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser()
-    return cached_rows(root, key, {"source": str(source), **inputs}, build, may_build)
+    return cached_rows(root, key, {"source": str(corpus), **inputs}, build, may_build)
 
 
 def prepare_packed_rows(
-    rows, source: str, cfg: DataConfig, tokenizer, *, cache_dir=None, may_build: bool = True
+    rows, corpus: str, cfg: DataConfig, tokenizer, *, cache_dir=None, may_build: bool = True
 ) -> PreparedRows:
     """Already tokenized unconditional rows (a save_to_disk folder, a hub dataset), packed.
 
@@ -208,7 +208,7 @@ def prepare_packed_rows(
     eos_id = _eos_id(tokenizer)
     inputs = {
         "version": PIPELINE_VERSION,
-        "source": str(source),
+        "source": str(corpus),
         "fingerprint": rows._fingerprint,
         "settings": {"packing": True, "max_length": cfg.max_length, "eos_id": eos_id},
     }
@@ -260,13 +260,13 @@ def _load_entry(folder: Path, built: bool) -> PreparedRows:
     return PreparedRows(load_from_disk(str(folder)), folder, built, manifest)
 
 
-def build_rows(files, cfg: DataConfig, tokenizer, staging: Path, on_progress=None, source=None):
+def build_rows(files, cfg: DataConfig, tokenizer, staging: Path, on_progress=None, corpus=None):
     """(rows, stats): load, tokenize (and pack) `files`, writing only under `staging`."""
     from datasets import concatenate_datasets
 
     groups = list(_file_groups([f for f in files if _has_text(f)]))  # datasets refuses blanks
     if not groups:
-        raise UserError(f"Data source {source or files[0]} holds no text examples.")
+        raise UserError(f"Data source {corpus or files[0]} holds no text examples.")
     parts = [_load_part(group, cfg, staging) for group in groups]
     total = sum(len(part) for part in parts)
     pieces, done, tokens = [], 0, 0
@@ -288,7 +288,7 @@ def build_rows(files, cfg: DataConfig, tokenizer, staging: Path, on_progress=Non
                 on_progress(done, total, tokens)
     tokenized = concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0]
     if len(tokenized) == 0:
-        raise UserError(f"Data source {source or files[0]} holds no text examples.")
+        raise UserError(f"Data source {corpus or files[0]} holds no text examples.")
     stats = {"documents": len(tokenized), "tokens": tokens}
     if cfg.packing:
         tokenized = pack(tokenized, cfg.max_length, _eos_id(tokenizer), staging)

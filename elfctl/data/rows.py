@@ -21,7 +21,7 @@ Raw text rules:
          condition) and `data.target_field`. Raw text is kept as `target`
          (and `input` for the condition).
 
-With `data.packing`, unconditional rows of any source are packed into rows of exactly
+With `data.packing`, unconditional rows of any corpus are packed into rows of exactly
 `max_length` tokens (pipeline.py says how), cached like tokenized text.
 
 Collation masks are bool tensors (True = yes); see `collate`.
@@ -127,7 +127,7 @@ class Collator:
 
 
 # ---------------------------------------------------------------------------
-# Row sources
+# Loading a corpus
 
 
 @dataclass
@@ -137,18 +137,18 @@ class LoadedRows:
 
 
 def load_rows(
-    source: str,
+    corpus: str,
     cfg: DataConfig,
     tokenizer=None,
     split: str = "train",
     text_mode: str | None = None,
 ):
-    """The rows named by `source`, as an indexable dataset (`datasets.Dataset`)."""
-    return load_corpus(source, cfg, tokenizer, split, text_mode).rows
+    """The rows named by `corpus`, as an indexable dataset (`datasets.Dataset`)."""
+    return load_corpus(corpus, cfg, tokenizer, split, text_mode).rows
 
 
 def load_corpus(
-    source: str,
+    corpus: str,
     cfg: DataConfig,
     tokenizer=None,
     split: str = "train",
@@ -157,7 +157,7 @@ def load_corpus(
     may_build: bool = True,
     on_progress=None,
 ) -> LoadedRows:
-    """The rows named by `source`, and (for cached rows) where they live.
+    """The rows named by `corpus`, and (for cached rows) where they live.
 
     An existing local path or a glob is a `save_to_disk` folder or raw text;
     `testbed:...` is resolved by the test bed; anything else is a hub dataset id.
@@ -171,47 +171,47 @@ def load_corpus(
         cfg = replace(cfg, text_mode=text_mode)
     if cfg.text_mode not in TEXT_MODES:
         raise UserError(f"text_mode must be one of {', '.join(TEXT_MODES)}, got {cfg.text_mode!r}.")
-    path = Path(source).expanduser()
-    if source.startswith("testbed:"):
-        rows = load_disk_rows(Path(resolve_testbed_uri(source)), split)
-    elif is_glob(source) or (path.exists() and not is_save_to_disk_folder(path)):
+    path = Path(corpus).expanduser()
+    if corpus.startswith("testbed:"):
+        rows = load_disk_rows(Path(resolve_testbed_uri(corpus)), split)
+    elif is_glob(corpus) or (path.exists() and not is_save_to_disk_folder(path)):
         if tokenizer is None:
             raise ValueError("raw text sources need a tokenizer")
         prepared = prepare_text_rows(
-            source, cfg, tokenizer, may_build=may_build, on_progress=on_progress
+            corpus, cfg, tokenizer, may_build=may_build, on_progress=on_progress
         )
         return LoadedRows(prepared.rows, prepared)
     elif path.exists():
         rows = load_disk_rows(path, split)
-    elif _looks_like_path(source):
-        raise UserError(f"Data source not found: {source}.")
+    elif _looks_like_path(corpus):
+        raise UserError(f"Data source not found: {corpus}.")
     else:
-        rows = load_hub_rows(source, split)
-    check_columns(rows, source, cfg.conditional)
+        rows = load_hub_rows(corpus, split)
+    check_columns(rows, corpus, cfg.conditional)
     if cfg.packing:
         if tokenizer is None:
             raise ValueError("packing needs a tokenizer (its eos id)")
-        prepared = prepare_packed_rows(rows, source, cfg, tokenizer, may_build=may_build)
+        prepared = prepare_packed_rows(rows, corpus, cfg, tokenizer, may_build=may_build)
         return LoadedRows(prepared.rows, prepared)
     return LoadedRows(rows, None)
 
 
-def _looks_like_path(source: str) -> bool:
+def _looks_like_path(corpus: str) -> bool:
     # Hub ids are "name" or "owner/name" and carry no file extension.
     return (
-        source.startswith(("/", "./", "../", "~"))
-        or source.count("/") > 1
-        or Path(source).suffix != ""
+        corpus.startswith(("/", "./", "../", "~"))
+        or corpus.count("/") > 1
+        or Path(corpus).suffix != ""
     )
 
 
-def check_columns(rows, source: str, conditional: bool) -> None:
+def check_columns(rows, corpus: str, conditional: bool) -> None:
     columns = set(rows.column_names)
     needed = ["input_ids"] + (["condition_input_ids"] if conditional else [])
     missing = [c for c in needed if c not in columns]
     if missing:
         have = ", ".join(sorted(columns)) or "none"
-        raise UserError(f"Data source {source} has no column {missing[0]!r} (its columns: {have}).")
+        raise UserError(f"Data source {corpus} has no column {missing[0]!r} (its columns: {have}).")
 
 
 def is_save_to_disk_folder(path: Path) -> bool:

@@ -1,11 +1,11 @@
 """Streamed training rows (`data.streaming: true`) that resume exactly after a kill.
 
-For hub datasets too big to download: `load_dataset(source, split=..., streaming=True)`,
+For hub datasets too big to download: `load_dataset(corpus, split=..., streaming=True)`,
 which also streams a local folder of data files. A local .txt / .jsonl file or a glob of
 them streams through datasets' own `json` / `text` readers, file by file in name order,
 without tokenizing everything first. A `save_to_disk` folder cannot be streamed. Split
 across processes with `datasets.distributed.split_dataset_by_node`, read in the
-source's order (no shuffle buffer: `datasets` cannot restore a buffer's content, so a
+corpus's order (no shuffle buffer: `datasets` cannot restore a buffer's content, so a
 resumed run would skip examples). Each process keeps its own position: the stream's
 `state_dict()` after the last example it consumed, plus the tokens a packed row has
 not used yet. A checkpoint stores both; `load_state_dict` continues from the next
@@ -20,7 +20,7 @@ of the epoch only).
 
 Before training, `check_exact_resume` saves the position after 3 and after 300
 examples, restores each in a fresh copy of the stream and compares the examples that
-follow: a source that `datasets` cannot resume exactly is refused with a clear error
+follow: a corpus that `datasets` cannot resume exactly is refused with a clear error
 instead of resuming inexactly.
 """
 
@@ -38,45 +38,45 @@ PROBE_OFFSETS = (3, 300)  # positions saved, restored in a fresh stream, and com
 PROBE_EXAMPLES = 3  # examples compared after each restored position
 
 
-def open_stream(source: str, cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1):
-    """This process's share of the streamed dataset `source` (an IterableDataset)."""
+def open_stream(corpus: str, cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1):
+    """This process's share of the streamed dataset `corpus` (an IterableDataset)."""
     from datasets import load_dataset
     from datasets.distributed import split_dataset_by_node
 
-    if is_local_text(source):
-        stream = _local_text_stream(source, cfg)
+    if is_local_text(corpus):
+        stream = _local_text_stream(corpus, cfg)
         if world_size > 1:
             stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         return stream
     try:
-        stream = load_dataset(source, split=split, streaming=True)
+        stream = load_dataset(corpus, split=split, streaming=True)
     except ValueError as e:
         if "save_to_disk" in str(e):
-            raise UserError(_save_to_disk_message(source)) from None
-        raise UserError(f"Could not stream dataset '{source}': {e}") from None
+            raise UserError(_save_to_disk_message(corpus)) from None
+        raise UserError(f"Could not stream dataset '{corpus}': {e}") from None
     except OSError as e:
-        raise UserError(f"Could not stream dataset '{source}' from the hub: {e}") from None
+        raise UserError(f"Could not stream dataset '{corpus}' from the hub: {e}") from None
     if world_size > 1:
         stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
     return stream
 
 
-def is_local_text(source: str) -> bool:
-    """A glob or a local file: what `load_dataset(source)` would take for a hub id. (A local
+def is_local_text(corpus: str) -> bool:
+    """A glob or a local file: what `load_dataset(corpus)` would take for a hub id. (A local
     folder of data files is streamed by `load_dataset(folder)` itself.)"""
-    return is_glob(source) or Path(source).expanduser().is_file()
+    return is_glob(corpus) or Path(corpus).expanduser().is_file()
 
 
-def _local_text_stream(source: str, cfg: DataConfig):
+def _local_text_stream(corpus: str, cfg: DataConfig):
     """Local .txt / .jsonl files streamed by datasets' readers: a .jsonl row per line; a
     .txt example per non-empty line (text_mode line) or per file (text_mode file)."""
     from datasets import load_dataset
 
-    files = text_files(source)
+    files = text_files(corpus)
     suffixes = sorted({f.suffix for f in files})
     if len(suffixes) > 1:
         raise UserError(
-            f"{source} mixes {' and '.join(suffixes)} files; a stream reads one kind, so name "
+            f"{corpus} mixes {' and '.join(suffixes)} files; a stream reads one kind, so name "
             "one of them."
         )
     data_files = [str(f) for f in files]
@@ -93,30 +93,30 @@ def _local_text_stream(source: str, cfg: DataConfig):
     return stream
 
 
-def _save_to_disk_message(source: str) -> str:
+def _save_to_disk_message(corpus: str) -> str:
     return (
-        f"{source} is stored in save_to_disk layout, which datasets can only load whole, "
+        f"{corpus} is stored in save_to_disk layout, which datasets can only load whole, "
         "not stream; set data.streaming=false (it is then downloaded once and memory-mapped)."
     )
 
 
-def check_stream_columns(first: dict, source: str, cfg: DataConfig) -> None:
+def check_stream_columns(first: dict, corpus: str, cfg: DataConfig) -> None:
     """The first example must carry token ids or the text fields the config reads."""
     columns = set(first)
     if columns and all(c.startswith("_") for c in columns):  # save_to_disk bookkeeping
-        raise UserError(_save_to_disk_message(source))
+        raise UserError(_save_to_disk_message(corpus))
     tokens = ["input_ids"] + (["condition_input_ids"] if cfg.conditional else [])
     texts = [cfg.source_field, cfg.target_field] if cfg.conditional else [cfg.text_field]
     if not (set(tokens) <= columns or set(texts) <= columns):
         have = ", ".join(sorted(columns)) or "none"
         want = " and ".join(tokens)
         raise UserError(
-            f"Streamed dataset {source} has neither {want} nor the text field(s) "
+            f"Streamed dataset {corpus} has neither {want} nor the text field(s) "
             f"{', '.join(texts)} (its columns: {have})."
         )
 
 
-def check_exact_resume(make_stream: Callable[[], object], source: str) -> None:
+def check_exact_resume(make_stream: Callable[[], object], corpus: str) -> None:
     """Refuse a stream whose restored position does not continue with the same examples.
 
     Probed at a few positions, near the start and past datasets' first internal chunks
@@ -130,20 +130,20 @@ def check_exact_resume(make_stream: Callable[[], object], source: str) -> None:
         try:
             state = stream.state_dict()
         except (NotImplementedError, RuntimeError) as e:
-            raise UserError(_inexact_message(source, str(e))) from None
+            raise UserError(_inexact_message(corpus, str(e))) from None
         expected = _take(examples, PROBE_EXAMPLES)
         restored = make_stream()
         try:
             restored.load_state_dict(state)
         except (NotImplementedError, RuntimeError, KeyError, ValueError) as e:
-            raise UserError(_inexact_message(source, str(e))) from None
+            raise UserError(_inexact_message(corpus, str(e))) from None
         if _take(iter(restored), PROBE_EXAMPLES) != expected:
-            raise UserError(_inexact_message(source, "a restored position gives other examples"))
+            raise UserError(_inexact_message(corpus, "a restored position gives other examples"))
 
 
-def _inexact_message(source: str, why: str) -> str:
+def _inexact_message(corpus: str, why: str) -> str:
     return (
-        f"datasets cannot resume the stream of {source} exactly after a kill ({why}), so "
+        f"datasets cannot resume the stream of {corpus} exactly after a kill ({why}), so "
         "elfctl will not stream it; set data.streaming=false to download it instead."
     )
 
@@ -161,17 +161,17 @@ def _take(examples, n: int) -> list:
 class RowStream:
     """Training rows from a stream, in order, with an exactly resumable position."""
 
-    def __init__(self, source: str, cfg: DataConfig, tokenizer, split: str, rank=0, world=1):
+    def __init__(self, corpus: str, cfg: DataConfig, tokenizer, split: str, rank=0, world=1):
         check_data_settings(cfg)
-        self.source, self.cfg, self.tokenizer = source, cfg, tokenizer
+        self.corpus, self.cfg, self.tokenizer = corpus, cfg, tokenizer
         self.eos_id = 1 if tokenizer.eos_token_id is None else tokenizer.eos_token_id
-        self.stream = open_stream(source, cfg, split, rank, world)
+        self.stream = open_stream(corpus, cfg, split, rank, world)
         first = _take(iter(self.stream), 1)
         if not first:
-            raise UserError(f"Streamed dataset {source} holds no examples.")
-        check_stream_columns(first[0], source, cfg)
-        check_exact_resume(lambda: open_stream(source, cfg, split, rank, world), source)
-        self.stream = open_stream(source, cfg, split, rank, world)
+            raise UserError(f"Streamed dataset {corpus} holds no examples.")
+        check_stream_columns(first[0], corpus, cfg)
+        check_exact_resume(lambda: open_stream(corpus, cfg, split, rank, world), corpus)
+        self.stream = open_stream(corpus, cfg, split, rank, world)
         self.epoch = 0
         self.packer = Packer(cfg.max_length, self.eos_id)  # the same rule as cached rows
         self.pending: list[list[int]] = []  # packed rows made but not yet given out
@@ -202,7 +202,7 @@ class RowStream:
         fields = [cfg.source_field, cfg.target_field] if cfg.conditional else [cfg.text_field]
         texts = [example.get(name) for name in fields]
         if any(not isinstance(t, str) for t in texts):
-            raise UserError(f"Streamed dataset {self.source} has an example without text fields.")
+            raise UserError(f"Streamed dataset {self.corpus} has an example without text fields.")
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         if cfg.conditional:
             return {"condition_input_ids": ids[0], "input_ids": ids[1]}
@@ -225,7 +225,7 @@ class RowStream:
     def state_dict(self) -> dict:
         """JSON-ready: where this process's stream stands after the rows it gave out."""
         return {
-            "source": self.source,
+            "source": self.corpus,
             "epoch": self.epoch,
             "stream": self.stream.state_dict(),
             "carry": self.packer.carry.tolist(),

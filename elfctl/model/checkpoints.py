@@ -8,7 +8,7 @@ Two formats are read:
   `config.yaml` (the resolved config) and `meta.json`, written last, so a
   directory without `meta.json` is an unfinished write and is ignored.
 
-A source is a local file or directory, a run directory (its newest complete
+A checkpoint is named by a local file or directory, a run directory (its newest complete
 checkpoint), a hub repo id (its highest-step `checkpoint_*`) or a hub sub-path
 `org/repo/checkpoint_7000`. Local paths never touch the network.
 """
@@ -56,17 +56,17 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------------
-# Resolving a source string to a file
+# Resolving a checkpoint string to a file
 
 
-def resolve_checkpoint(source: str) -> tuple[Path, str]:
-    """-> (local path, format). Downloads from the hub only for non-local sources."""
-    path = Path(source).expanduser()
+def resolve_checkpoint(checkpoint: str) -> tuple[Path, str]:
+    """-> (local path, format). Downloads from the hub only for non-local checkpoints."""
+    path = Path(checkpoint).expanduser()
     if path.exists():
         return _resolve_local(path)
-    if source.startswith((".", "/", "~")) or "/" not in source:
-        raise UserError(f"Checkpoint not found: {source} (no such file or directory).")
-    return _resolve_hub(source)
+    if checkpoint.startswith((".", "/", "~")) or "/" not in checkpoint:
+        raise UserError(f"Checkpoint not found: {checkpoint} (no such file or directory).")
+    return _resolve_hub(checkpoint)
 
 
 def _resolve_local(path: Path) -> tuple[Path, str]:
@@ -118,11 +118,11 @@ def list_step_dirs(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _resolve_hub(source: str) -> tuple[Path, str]:
+def _resolve_hub(checkpoint: str) -> tuple[Path, str]:
     from huggingface_hub import hf_hub_download, list_repo_files
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    parts = source.strip("/").split("/")
+    parts = checkpoint.strip("/").split("/")
     repo_id, sub_path = "/".join(parts[:2]), "/".join(parts[2:])
     try:
         if not sub_path:
@@ -137,7 +137,7 @@ def _resolve_hub(source: str) -> tuple[Path, str]:
         raise
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         raise UserError(
-            f"Checkpoint not found: '{source}' is neither a local path nor a reachable hub "
+            f"Checkpoint not found: '{checkpoint}' is neither a local path nor a reachable hub "
             f"repo ({type(e).__name__})."
         ) from None
 
@@ -158,9 +158,9 @@ def _download_config_beside(repo_id: str, sub_path: str) -> None:
 # Loading
 
 
-def load_checkpoint(source: str, *, weights: str = "ema") -> Checkpoint:
+def load_checkpoint(checkpoint: str, *, weights: str = "ema") -> Checkpoint:
     """Read a checkpoint's weights (EMA by default) and what is known about it."""
-    path, fmt = resolve_checkpoint(source)
+    path, fmt = resolve_checkpoint(checkpoint)
     if fmt == "elfctl":
         return _load_ours(path, weights)
     return _load_official(path, weights)
@@ -241,7 +241,7 @@ def _step_from_name(name: str) -> int | None:
 
 
 def build_model(
-    state_dict: dict[str, torch.Tensor], model_config: ModelConfig, source: str = "checkpoint"
+    state_dict: dict[str, torch.Tensor], model_config: ModelConfig, checkpoint: str = "checkpoint"
 ) -> ELF:
     """An ELF with exactly these weights; every missing, extra or misshapen tensor is named."""
     with torch.device("meta"):
@@ -250,14 +250,14 @@ def build_model(
     missing = sorted(set(expected) - set(state_dict))
     extra = sorted(set(state_dict) - set(expected))
     if missing:
-        raise UserError(f"{source} is missing tensor(s) {', '.join(missing[:5])}.")
+        raise UserError(f"{checkpoint} is missing tensor(s) {', '.join(missing[:5])}.")
     if extra:
-        raise UserError(f"{source} has unexpected tensor(s) {', '.join(extra[:5])}.")
+        raise UserError(f"{checkpoint} has unexpected tensor(s) {', '.join(extra[:5])}.")
     for name, shape in expected.items():
         if tuple(state_dict[name].shape) != tuple(shape):
             what = " (vocabulary size)" if name in ("unembed_kernel", "unembed_bias") else ""
             raise UserError(
-                f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, "
+                f"{checkpoint}: tensor {name} has shape {tuple(state_dict[name].shape)}, "
                 f"the model expects {tuple(shape)}{what}."
             )
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -266,21 +266,21 @@ def build_model(
 
 
 def load_model(
-    source: str, *, config: Config | ModelConfig | None = None, device: str = "cpu"
+    checkpoint: str, *, config: Config | ModelConfig | None = None, device: str = "cpu"
 ) -> ELF:
-    """The network from `source` with its EMA weights, in eval mode, on `device`.
+    """The network from `checkpoint` with its EMA weights, in eval mode, on `device`.
 
     `config` (a full Config or a ModelConfig) fixes the architecture; without it
     the sizes are read off the tensors' shapes. `model.config` is the full Config that
     describes the checkpoint (`checkpoint_config`), `model.cfg` its network's sizes.
     """
-    ckpt = load_checkpoint(source)
+    ckpt = load_checkpoint(checkpoint)
     model_config = ckpt.model_config
     if isinstance(config, Config):
         model_config = config.model
     elif isinstance(config, ModelConfig):
         model_config = config
-    model = build_model(ckpt.state_dict, model_config, source)
+    model = build_model(ckpt.state_dict, model_config, checkpoint)
     # What describes it (tokenizer, encoder, latent statistics, sampling settings), as
     # `elfctl sample` reads it: the README points Python users at `model.config`.
     model.config = config if isinstance(config, Config) else checkpoint_config(ckpt, None)

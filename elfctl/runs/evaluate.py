@@ -95,25 +95,25 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def resolve_eval_config(
-    preset: str | None, config_file: str | Path | None, source: str | None = None
+    preset: str | None, config_file: str | Path | None, checkpoint: str | None = None
 ) -> Config:
     """The preset and/or config file that describes the run to evaluate (file wins); with
-    neither, the config.yaml the run (or checkpoint) at `source` was trained with."""
+    neither, the config.yaml the run or checkpoint `checkpoint` was trained with."""
     if preset or config_file:
         return resolve(preset, config_file)
-    own = own_config_file(source) if source else None
+    own = own_config_file(checkpoint) if checkpoint else None
     if own is None:
         raise UserError(
-            f"{source} has no config.yaml of its own; name what to evaluate with --preset NAME "
+            f"{checkpoint} has no config.yaml of its own; name what to evaluate with --preset NAME "
             "or --config FILE."
         )
     return resolve(None, own)
 
 
-def own_config_file(source: str) -> Path | None:
+def own_config_file(checkpoint: str) -> Path | None:
     """The config.yaml of a local run dir or checkpoint (beside it or in a folder above its
     checkpoints); None for a hub id or a checkpoint without one."""
-    path = Path(source).expanduser()
+    path = Path(checkpoint).expanduser()
     if not path.exists():
         return None
     folder = path if path.is_dir() else path.parent
@@ -209,7 +209,7 @@ def run_dir_for(out_dir: Path, setting: SamplingSetting, seed: int | None) -> Pa
 
 
 def load_for_eval(
-    source: str,
+    checkpoint: str,
     config: Config,
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
@@ -221,7 +221,7 @@ def load_for_eval(
     and prompted runs also get the frozen encoder."""
 
     return load_for_sampling(
-        source, config, tokenizer, device, config.data.conditional, for_prompting, encoder
+        checkpoint, config, tokenizer, device, config.data.conditional, for_prompting, encoder
     )
 
 
@@ -235,20 +235,20 @@ def validation_pairs(config: Config, n: int) -> ConditionInputs:
             f"Preset '{config.name}' is conditional but names no data.validation set to "
             "condition on."
         )
-    sources = read_input_rows(
+    inputs = read_input_rows(
         data.validation,
         source_field=data.source_field,
         reference_field=data.target_field,
         split=data.validation_split,
         limit=n,
     )
-    for i, reference in enumerate(sources.references):
+    for i, reference in enumerate(inputs.references):
         if reference is None:
             raise UserError(
                 f"Validation set {data.validation}, row {i}: no '{data.target_field}' reference "
                 "to score against."
             )
-    return sources
+    return inputs
 
 
 def sample_counts(
@@ -277,7 +277,7 @@ def sample_counts(
 class EvalRequest:
     """Everything `run_eval` needs besides its hooks."""
 
-    source: str  # the checkpoint: hub id, hub sub-path, local file or dir, run dir
+    checkpoint: str  # hub id, hub sub-path, local file or dir, run dir
     config: Config
     settings: list[SamplingSetting]
     out_dir: Path
@@ -324,7 +324,7 @@ def run_eval(
     by_seed = request.seeds is not None
 
     loaded = load_for_eval(
-        request.source,
+        request.checkpoint,
         config,
         request.tokenizer,
         request.device,
@@ -333,12 +333,12 @@ def run_eval(
     )
     procs = request.procs or Processes(device=next(loaded.model.parameters()).device)
     config = loaded.config  # the checkpoint's network inside the preset's settings
-    sources = None
+    inputs = None
     available = None
     if config.data.conditional:
         wanted = max(request.num_samples or s.num_samples for s in request.settings)
-        sources = validation_pairs(config, wanted)
-        available = len(sources.texts)
+        inputs = validation_pairs(config, wanted)
+        available = len(inputs.texts)
     counts = sample_counts(config, request.settings, request.num_samples, available)
     for setting in request.settings:
         if counts[setting.name] < setting.num_samples and request.num_samples is None:
@@ -361,9 +361,9 @@ def run_eval(
                 batch_size=min(request.batch_size or setting.batch_size, n),
                 precision=request.precision,
                 compile=request.compile,
-                conditions=sources.texts[:n] if sources is not None else None,
-                references=sources.references[:n] if sources is not None else None,
-                condition_ids=sources.token_ids[:n] if sources is not None else None,
+                conditions=inputs.texts[:n] if inputs is not None else None,
+                references=inputs.references[:n] if inputs is not None else None,
+                condition_ids=inputs.token_ids[:n] if inputs is not None else None,
                 meta={"eval": {"preset": config.name, "setting": setting.name}, **request.meta},
                 grid=request.grid,
                 **request.prompting,
@@ -413,7 +413,7 @@ def run_eval(
     summary = {
         "elfctl_version": __version__,
         "preset": config.name,
-        "repo": request.source,
+        "repo": request.checkpoint,
         "checkpoint": runs[0][2]["checkpoint"] if runs else None,
         "scorer": request.scorer,
         "seed": request.seed if not by_seed else None,

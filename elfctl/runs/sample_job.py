@@ -62,7 +62,7 @@ class LoadedModel:
 
 
 def load_for_sampling(
-    source: str,
+    checkpoint: str,
     preset: str | Config | None = None,
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
@@ -79,11 +79,11 @@ def load_for_sampling(
     local copy of it, say) as `tokenizer` replaces its tokenizer.
     """
 
-    ckpt = load_checkpoint(source)
+    ckpt = load_checkpoint(checkpoint)
     config = checkpoint_config(ckpt, preset)
     if encoder is not None:
         config.encoder = dataclasses.replace(config.encoder, encoder=encoder)
-    model = build_model(ckpt.state_dict, config.model, source).to(device).eval()
+    model = build_model(ckpt.state_dict, config.model, checkpoint).to(device).eval()
     model.requires_grad_(False)
     tok = load_tokenizer(tokenizer or config.encoder.tokenizer)
     if len(tok) != config.model.vocab_size:
@@ -94,7 +94,7 @@ def load_for_sampling(
         )
     if with_encoder or for_prompting:
         if with_encoder:
-            check_conditional(config, source)
+            check_conditional(config, checkpoint)
         frozen = load_encoder(config.encoder, device)
         if frozen.width != config.model.latent_dim:
             raise UserError(
@@ -105,12 +105,12 @@ def load_for_sampling(
     return LoadedModel(model, tok, config, ckpt, None)
 
 
-def check_conditional(config: Config, source: str) -> None:
+def check_conditional(config: Config, checkpoint: str) -> None:
     """Conditional sampling needs a model trained on conditions, with a condition budget."""
     data = config.data
     if not data.conditional or not 0 < data.max_input_length < data.max_length:
         raise UserError(
-            f"{source} is not described as a conditional model (data.conditional "
+            f"{checkpoint} is not described as a conditional model (data.conditional "
             f"{str(data.conditional).lower()}, max_input_length {data.max_input_length}); "
             "sampling from sources needs one, e.g. --preset de-en-b or xsum-b for an official "
             "checkpoint."

@@ -30,7 +30,7 @@ OVERRIDES = ("steps", "method", "gamma", "sc_cfg", "cfg", "time_schedule")
 class SampleRequest:
     """`elfctl sample`'s choices; None means "the setting's (or config's) own"."""
 
-    source: str
+    checkpoint: str
     out_dir: Path
     preset: str | None = None
     setting: str | None = None
@@ -109,7 +109,7 @@ def default_num_samples(
 def prepare_sample(request: SampleRequest, device: Any) -> PreparedSample:
     """Load the model and build the job `request` describes (after `check_request`)."""
     loaded = load_for_sampling(
-        request.source,
+        request.checkpoint,
         request.preset,
         request.tokenizer,
         device,
@@ -128,7 +128,7 @@ def prepare_sample(request: SampleRequest, device: Any) -> PreparedSample:
         batch_size=min(request.batch_size or chosen.batch_size, n),
         **_common(request),
     )
-    return PreparedSample(loaded, job, f"{n} x {job.length} tokens from {request.source}", [])
+    return PreparedSample(loaded, job, f"{n} x {job.length} tokens from {request.checkpoint}", [])
 
 
 def _common(request: SampleRequest) -> dict[str, Any]:
@@ -178,7 +178,7 @@ def _conditional(
         )
     what = (
         f"{n} outputs of up to {data.max_length - data.max_input_length} tokens "
-        f"conditioned on {request.input} from {request.source}"
+        f"conditioned on {request.input} from {request.checkpoint}"
     )
     return PreparedSample(loaded, job, what, warnings)
 

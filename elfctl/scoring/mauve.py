@@ -69,20 +69,20 @@ def require_mauve():
 
 
 def read_references(
-    source: str, field: str = "text", split: str | None = None, limit: int | None = None
+    references: str, field: str = "text", split: str | None = None, limit: int | None = None
 ) -> list[str]:
     """Human texts to compare with: a samples file or run dir, a .jsonl file (`field`), a .txt
     file (one text per line), a save_to_disk folder, testbed:<name>/<part> or a hub dataset."""
 
-    path = Path(source)
+    path = Path(references)
     if (path.is_dir() and (path / records.SAMPLES_FILE).is_file()) or (
         path.is_file() and path.suffix == ".jsonl" and field == "text"
     ):
         texts = [row["text"] for row in records.read_samples(path)][:limit]
     else:
-        texts, _ = read_inputs(source, field, field, split, limit, option="--references")
+        texts, _ = read_inputs(references, field, field, split, limit, option="--references")
     if not any(text.strip() for text in texts):
-        raise UserError(f"--references {source} holds no non-empty texts.")
+        raise UserError(f"--references {references} holds no non-empty texts.")
     return texts
 
 

@@ -380,9 +380,9 @@ class DistillTrainer(Trainer):
         self.round = cfg.distill.round
         self.span = cfg.distill.spans[self.round - 1]
         self.substeps = substeps_for(self.span, cfg.distill.teacher_resolution)
-        source = cfg.distill.teacher
-        ckpt = load_checkpoint(source)  # EMA weights: the teacher of every round
-        teacher = build_model(ckpt.state_dict, cfg.model, f"The teacher {source}")
+        checkpoint = cfg.distill.teacher
+        ckpt = load_checkpoint(checkpoint)  # EMA weights: the teacher of every round
+        teacher = build_model(ckpt.state_dict, cfg.model, f"The teacher {checkpoint}")
         self.teacher_state = ckpt.state_dict
         device = local_device(accelerator.device)
         self.teacher = teacher.to(device).eval().requires_grad_(False)

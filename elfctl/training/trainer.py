@@ -199,9 +199,9 @@ class Trainer:
 
         torch.manual_seed(self.cfg.train.seed)  # same initial weights on every process
         if self.cfg.train.init and self.resume_from is None:
-            source = load_init_weights(self.cfg.train.init, self.cfg.train.init_weights)
-            self.cfg.train.init_from = source.provenance
-            return init_model(self.cfg, source)
+            init = load_init_weights(self.cfg.train.init, self.cfg.train.init_weights)
+            self.cfg.train.init_from = init.provenance
+            return init_model(self.cfg, init)
         return ELF(self.cfg.model)
 
     # -- one optimiser step ----------------------------------------------------------

@@ -31,7 +31,7 @@ from elfctl.errors import UserError
 from elfctl.testbed.assets import resolve_testbed_uri
 
 
-def resolve_pretrained_source(name_or_path: str) -> str:
+def resolve_pretrained(name_or_path: str) -> str:
     """A hub id or local folder for `from_pretrained`; `testbed:` URIs become local folders."""
     if name_or_path.startswith("testbed:"):
         return str(resolve_testbed_uri(name_or_path))
@@ -52,15 +52,15 @@ def load_tokenizer(name_or_path: str):
     """The Hugging Face tokenizer (hub id, local folder or `testbed:` URI). V = len(tokenizer)."""
     from transformers import AutoTokenizer
 
-    source = resolve_pretrained_source(name_or_path)
-    folder = Path(source)
+    pretrained = resolve_pretrained(name_or_path)
+    folder = Path(pretrained)
     if folder.is_dir() and not any(any(folder.glob(p)) for p in _TOKENIZER_FILES):
         # Some transformers versions quietly build a default tokenizer from an empty folder.
         raise UserError(
             f"Could not load tokenizer '{name_or_path}': the folder has no tokenizer files."
         )
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(pretrained)
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load tokenizer '{name_or_path}': {_first_line(e)}") from None
 
@@ -90,10 +90,10 @@ class FrozenEncoder(nn.Module):
     ) -> FrozenEncoder:
         from transformers import T5EncoderModel
 
-        source = resolve_pretrained_source(name_or_path)
+        pretrained = resolve_pretrained(name_or_path)
         kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         try:
-            t5 = T5EncoderModel.from_pretrained(source, **kwargs)
+            t5 = T5EncoderModel.from_pretrained(pretrained, **kwargs)
         except (OSError, ValueError) as e:
             raise UserError(f"Could not load encoder '{name_or_path}': {_first_line(e)}") from None
         return cls(t5, latent_mean, latent_std)

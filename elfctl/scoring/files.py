@@ -49,7 +49,7 @@ _SIDE_FILES = {records.METRICS_FILE, records.RUN_FILE}
 # ----------------------------------------------------------------------------- scorers
 
 
-def resolve_scorer_source(name: str) -> str:
+def resolve_scorer(name: str) -> str:
     """What `from_pretrained` loads for a scorer name: the test bed's scorer folder for
     its URI (trained on first use), else the name itself (hub id or local folder)."""
     if name == TESTBED_SCORER:
@@ -200,7 +200,7 @@ def score_ppl_files(
     device = procs.device
     dtype = "bf16-autocast" if getattr(device, "type", str(device)) == "cuda" else "fp32"
     (log or _quiet)(f"loading scorer {model_name} on {device} ({dtype})")
-    model, tokenizer = metrics.load_scorer(resolve_scorer_source(model_name), device)
+    model, tokenizer = metrics.load_scorer(resolve_scorer(model_name), device)
     settings = {"max_length": max_length, "batch_size": batch_size, "device": str(device)}
     settings.update(dtype=dtype, eos_mode=eos_mode, processes=procs.world)
 
@@ -295,9 +295,7 @@ def score_diversity_files(
 ) -> list[dict[str, Any]]:
     """Score each input with every diversity metric; append a record beside each (if `write`)."""
     tokenizer = diversity.load_tokenizer(
-        tokenizer_name
-        if tokenizer_name == diversity.WORDS
-        else resolve_scorer_source(tokenizer_name)
+        tokenizer_name if tokenizer_name == diversity.WORDS else resolve_scorer(tokenizer_name)
     )
     units = "words" if tokenizer is None else f"{tokenizer_name} tokens"
     out_records = []
@@ -351,7 +349,7 @@ def score_mauve_files(
         mauve.check_counts(sum(1 for r in rows if r["text"]), n_references, str(path))
 
     (log or _quiet)(f"loading MAUVE feature model {model_name} on {device}")
-    model, tokenizer = mauve.load_featurizer(resolve_scorer_source(model_name), device)
+    model, tokenizer = mauve.load_featurizer(resolve_scorer(model_name), device)
 
     def features(description: str, texts: list[str]):
         with progress(description, len(texts), "samples") as advance:

@@ -39,9 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from elfctl import hub
 from elfctl.config import Config, ModelConfig, resolve
 from elfctl.errors import UserError
 from elfctl.model.checkpoints import save_model_checkpoint, save_official_checkpoint
+from elfctl.model.encoder import load_pretrained
 from elfctl.model.network import infer_model_config
 
 # progress(done, total, unit): called while reading; unit is "tensors" or "MiB".
@@ -198,15 +200,10 @@ def resolve_jax_path(src: str, allow_patterns: list[str] | None = None) -> Path:
     org, repo, *rest = src.split("/")
     sub = "/".join(rest)
     patterns = allow_patterns or ([f"{sub}/*", sub] if sub else None)
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
+    with hub.access(f"{org}/{repo}", "the JAX checkpoint"):
         local = Path(snapshot_download(f"{org}/{repo}", allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no permission: one sentence
-        raise UserError(
-            f"Source '{src}' is not a local path and could not be fetched from the Hugging Face "
-            f"hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})."
-        ) from None
     local = local / sub if sub else local
     if not local.exists():
         raise UserError(f"Hub repo '{org}/{repo}' has no '{sub}'.")
@@ -954,6 +951,8 @@ def convert_t5_encoder(
     from transformers import T5EncoderModel
 
     started = time.perf_counter()
+    if compare:
+        hub.check_local(compare, "the reference T5 encoder")  # before anything is written
     dst_path = Path(dst).expanduser()
     if dst_path.exists() and not force:
         raise UserError(f"Destination {dst_path} already exists; pass --force to overwrite it.")
@@ -991,10 +990,9 @@ def compare_t5(model: Any, reference: str) -> dict[str, Any]:
     import torch
     from transformers import T5EncoderModel
 
-    try:  # a local folder or a hub id (e.g. t5-small), through the normal HF loading path
-        ref = T5EncoderModel.from_pretrained(str(Path(reference).expanduser())).eval()
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"Cannot load the reference T5 encoder '{reference}' ({e}).") from None
+    # A local folder or a hub id (e.g. t5-small), through the normal HF loading path.
+    ref = load_pretrained(T5EncoderModel.from_pretrained, reference, "the reference T5 encoder")
+    ref.eval()
     ours, theirs = model.state_dict(), ref.state_dict()
     worst_name, worst = "", 0.0
     for name, tensor in ours.items():

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from elfctl import hub
 from elfctl.config import Config, ModelConfig, dump_yaml, from_dict, resolve
 from elfctl.errors import UserError
 from elfctl.model.network import ELF, infer_model_config
@@ -119,38 +120,40 @@ def list_step_dirs(folder: Path) -> list[Path]:
 
 
 def _resolve_hub(source: str) -> tuple[Path, str]:
-    from huggingface_hub import hf_hub_download, list_repo_files
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import hf_hub_download
 
     parts = source.strip("/").split("/")
     repo_id, sub_path = "/".join(parts[:2]), "/".join(parts[2:])
-    try:
+    with hub.access(repo_id, "the checkpoint") as offline:
         if not sub_path:
-            names = [n for n in list_repo_files(repo_id) if OFFICIAL_PATTERN.match(n)]
+            names = [n for n in _repo_files(repo_id, offline) if OFFICIAL_PATTERN.match(n)]
             if not names:
                 raise UserError(f"Hub repo {repo_id} holds no checkpoint_<step> file.")
             sub_path = max(names, key=lambda n: int(OFFICIAL_PATTERN.match(n).group(1)))
         path = Path(hf_hub_download(repo_id, sub_path))
-        _download_config_beside(repo_id, sub_path)
-        return path, "official"
-    except UserError:
-        raise
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        raise UserError(
-            f"Checkpoint not found: '{source}' is neither a local path nor a reachable hub "
-            f"repo ({type(e).__name__})."
-        ) from None
+    _download_config_beside(repo_id, sub_path)
+    return path, "official"
+
+
+def _repo_files(repo_id: str, offline: bool) -> list[str]:
+    """The files of a hub model repo: listed by the hub, or offline those in the cache."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    if not offline:
+        return list_repo_files(repo_id)
+    folder = Path(snapshot_download(repo_id, allow_patterns=["checkpoint_*"]))
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
 
 
 def _download_config_beside(repo_id: str, sub_path: str) -> None:
     """Fetch the config.yaml an `elfctl export` upload keeps next to its checkpoint."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     folder = "/".join(sub_path.split("/")[:-1])
     try:
-        hf_hub_download(repo_id, f"{folder}/config.yaml" if folder else "config.yaml")
-    except (EntryNotFoundError, LocalEntryNotFoundError):
+        with hub.access(repo_id, "the checkpoint's config.yaml"):
+            hf_hub_download(repo_id, f"{folder}/config.yaml" if folder else "config.yaml")
+    except UserError:
         pass  # an official upload (no config beside the checkpoint), or offline and not cached
 
 

@@ -333,6 +333,10 @@ def _run(job, loaded, out_dir: Path, what: str, json_out: bool, procs, resume: s
             "samples already done",
             highlight=False,
         )
+    if plan.damaged:
+        console.print(
+            f"resampling damaged batch file(s): {', '.join(plan.damaged)}", highlight=False
+        )
     with progress("sampling", plan.pending_samples, "samples") as advance:
         info = job.run(loaded, out_dir, on_batch=advance, procs=procs, plan=plan, resume=resume)
     if procs.is_main:

@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from elfctl import hub
+from elfctl import hub, records
 from elfctl.config import Config, describe_sampler, dump_yaml
 from elfctl.errors import UserError
 from elfctl.model.checkpoints import (
@@ -134,10 +134,8 @@ def _found_evals(source: str) -> list[Path]:
 
 
 def _read_eval(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not a readable eval.json ({type(e).__name__}).") from None
+    fix = f"run `elfctl eval` again to rewrite it, or leave {path.name} out of the card."
+    data = records.read_json_state(path, fix)
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise UserError(f"{path} is not an eval.json written by `elfctl eval` (no rows).")
     return data

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from elfctl import hub
+from elfctl import hub, records
 from elfctl.config import Config, ModelConfig, dump_yaml, from_dict, resolve
 from elfctl.errors import UserError
 from elfctl.model.network import ELF, infer_model_config
@@ -214,21 +214,34 @@ RAW_WEIGHTS_FILE = Path("training_state") / "model_raw.pt"
 
 
 def _load_ours(path: Path, weights: str = "ema") -> Checkpoint:
-    import yaml
     from safetensors.torch import load_file
 
-    meta = json.loads((path / "meta.json").read_text())
-    config = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    fix = f"delete {path} to fall back to the checkpoint before it, or pass another checkpoint."
+    meta = records.read_json_state(path / "meta.json", fix)
+    config = read_config_state(path / "config.yaml", fix)
     if weights == "params":
         raw = path / RAW_WEIGHTS_FILE
         if not raw.is_file():
             raise UserError(
                 f"{path} holds only EMA weights (no {RAW_WEIGHTS_FILE}); use the EMA weights."
             )
-        state_dict = torch.load(raw, map_location="cpu", weights_only=True)
+        with records.reading_state(raw, fix):
+            state_dict = torch.load(raw, map_location="cpu", weights_only=True)
         return Checkpoint(state_dict, config.model, config, meta.get("step"), str(raw), "elfctl")
-    state_dict = load_file(str(path / WEIGHTS_FILE))
+    with records.reading_state(path / WEIGHTS_FILE, fix):
+        state_dict = load_file(str(path / WEIGHTS_FILE))
     return Checkpoint(state_dict, config.model, config, meta.get("step"), str(path), "elfctl")
+
+
+def read_config_state(path: Path, fix: str) -> Config:
+    """A config.yaml we wrote (in a checkpoint or run directory); damage is named with `fix`."""
+    import yaml
+
+    with records.reading_state(path, fix):
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged (not a YAML mapping); {fix}")
+    return from_dict(data)
 
 
 def _infer(state_dict: dict[str, torch.Tensor], path: Path) -> ModelConfig:

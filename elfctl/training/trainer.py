@@ -30,13 +30,18 @@ from pathlib import Path
 import torch
 
 from elfctl import records
-from elfctl.config import Config, dump_yaml, from_dict, to_dict
+from elfctl.config import Config, dump_yaml, to_dict
 from elfctl.data.inputs import read_input_rows
 from elfctl.data.pipeline import check_data_settings
 from elfctl.data.rows import Collator, EpochShuffler, load_corpus
 from elfctl.data.streamed_rows import RowStream
 from elfctl.errors import UserError
-from elfctl.model.checkpoints import WEIGHTS_FILE, list_step_dirs, save_model_checkpoint
+from elfctl.model.checkpoints import (
+    WEIGHTS_FILE,
+    list_step_dirs,
+    read_config_state,
+    save_model_checkpoint,
+)
 from elfctl.model.encoder import load_encoder, load_tokenizer
 from elfctl.model.network import ELF
 from elfctl.precision import Precision, training_precision
@@ -124,10 +129,9 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: str) -> Path | None:
 
 def read_saved_config(run_dir: Path) -> Config | None:
     """The resolved config a run directory was started with, if any."""
-    import yaml
-
     path = Path(run_dir) / "config.yaml"
-    return from_dict(yaml.safe_load(path.read_text())) if path.exists() else None
+    fix = f"restore it (it records how {run_dir} was started), or use another --run-dir."
+    return read_config_state(path, fix) if path.exists() else None
 
 
 def _check_same_run(saved: Config, cfg: Config, run_dir: Path) -> None:
@@ -504,36 +508,45 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def _load(self, checkpoint: Path) -> None:
-        from safetensors.torch import load_file
-
         state = checkpoint / "training_state"
-        trainer = json.loads((state / "trainer.json").read_text())
+        fix = (
+            f"delete {checkpoint} to resume from the checkpoint before it, or pass --resume never "
+            "to start over."
+        )
+
+        def read(path: Path, reader: Callable = torch.load, **kwargs):
+            with records.reading_state(path, fix):
+                return reader(path, **kwargs)
+
+        trainer = records.read_json_state(state / "trainer.json", fix)
         if trainer["world_size"] != self.acc.num_processes:
             raise UserError(
                 f"{checkpoint} was written by {trainer['world_size']} processes; resume it with "
                 f"the same number (this run has {self.acc.num_processes})."
             )
-        meta = json.loads((checkpoint / "meta.json").read_text())
+        meta = records.read_json_state(checkpoint / "meta.json", fix)
         self.step, self.epoch, self.position = meta["step"], trainer["epoch"], trainer["position"]
-        raw = torch.load(state / "model_raw.pt", map_location=self.device, weights_only=True)
+        raw = read(state / "model_raw.pt", map_location=self.device, weights_only=True)
         self.raw_model.load_state_dict(raw, strict=True)
         self.optimizer.load_state_dict(
-            torch.load(state / "optimizer.pt", map_location=self.device, weights_only=True)
+            read(state / "optimizer.pt", map_location=self.device, weights_only=True)
         )
-        self.scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
-        ema_weights = load_file(str(checkpoint / WEIGHTS_FILE), device=str(self.device))
+        self.scheduler.load_state_dict(read(state / "scheduler.pt", weights_only=True))
+        ema_weights = read(checkpoint / WEIGHTS_FILE, _load_safetensors, device=str(self.device))
         self.ema.load_state_dict(
             {
                 "shadow": {k: ema_weights[k] for k in self.ema.shadow},
-                "num_updates": torch.load(state / "ema_updates.pt", weights_only=True),
+                "num_updates": read(state / "ema_updates.pt", weights_only=True),
                 "decay": self.ema.decay,
                 "warmup": self.ema.warmup,
             }
         )
         if self.stream is not None:
             rank = self.acc.process_index
-            self.stream.load_state_dict(json.loads((state / f"stream_rank{rank}.json").read_text()))
-        rng = torch.load(state / f"rng_rank{self.acc.process_index}.pt", weights_only=True)
+            self.stream.load_state_dict(
+                records.read_json_state(state / f"stream_rank{rank}.json", fix)
+            )
+        rng = read(state / f"rng_rank{self.acc.process_index}.pt", weights_only=True)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
 
@@ -678,3 +691,9 @@ def train(
     """Train (or resume) a run; the library entry point behind `elfctl train`."""
     accelerator = accelerator or make_accelerator(gpu_precision=cfg.train.gpu_precision)
     return Trainer(cfg, Path(run_dir), accelerator, resume).fit(on_step)
+
+
+def _load_safetensors(path: Path, device: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=device)

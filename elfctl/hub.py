@@ -14,6 +14,7 @@ and does not exist is a missing local file, not a hub repository.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,12 +172,15 @@ def _offline_mode() -> Iterator[None]:
     """What HF_HUB_OFFLINE=1 at start-up would do, for one block: the cache only.
 
     huggingface_hub (and transformers, which asks it) reads its switch at call time;
-    datasets copies it when imported, so its copy is switched too.
+    datasets copies it when imported, so a loaded datasets' copy is switched too. One
+    imported inside the block keeps the offline copy, as it should: this process found
+    the hub unreachable and does not ask again.
     """
-    import datasets.config
     from huggingface_hub import constants
 
-    switches = [(constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE")]
+    switches = [(constants, "HF_HUB_OFFLINE")]
+    if "datasets.config" in sys.modules:
+        switches.append((sys.modules["datasets.config"], "HF_HUB_OFFLINE"))
     saved = [(module, name, getattr(module, name)) for module, name in switches]
     try:
         for module, name in switches:

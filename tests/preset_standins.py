@@ -212,6 +212,34 @@ def random_teacher(cfg, folder: Path) -> Path:
     return save_official_checkpoint(folder / "checkpoint_0", state, state, step=0)
 
 
+GPU_BYTES = 80e9  # an 80 GB GPU
+GPU_OVERHEAD = 2 * 1024**3  # CUDA context and allocator slack, on paper
+
+
+def estimate_batch_80gb(result: dict, full_length: int) -> dict:
+    """The micro-batch that fits an 80 GB GPU, estimated on paper from one CPU step.
+
+    Held for the whole run, in fp32 as the trainer keeps them: weights, EMA and gradients
+    (4 bytes each per parameter), Muon's momentum (4) or Adam's two moments (8; taken
+    for every parameter, an upper bound), and the frozen encoder (4 per parameter).
+    Per sample: the step's peak resident memory above its start, less the gradients,
+    measured at batch 1 in fp32 and scaled linearly to `full_length` (memory-efficient
+    attention keeps activations linear in length). The peak may be the optimizer's own
+    (its state is created in the first step), so this overstates activations: the
+    estimate errs on the small side, and bf16 autocast would store most activations in
+    half the bytes.
+    """
+    params, encoder = result["parameters"], result["encoder_parameters"]
+    held = (4 + 4 + 4 + 8) * params + 4 * encoder + GPU_OVERHEAD
+    per_sample = max(result["train_peak_rss"] - result["setup_rss"] - 4 * params, 1)
+    per_sample *= full_length / result["length"]
+    return {
+        "held_gb": held / 1e9,
+        "per_sample_gb": per_sample / 1e9,
+        "batch_80gb": max(int((GPU_BYTES - held) // per_sample), 0),
+    }
+
+
 def evaluate(trainer, run_dir: Path) -> dict:
     """`elfctl eval` on the step's checkpoint: one sample of the preset's setting, scored."""
     from typer.testing import CliRunner
@@ -242,4 +270,8 @@ def evaluate(trainer, run_dir: Path) -> dict:
 if __name__ == "__main__":
     assets_dir, preset_name, run = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     short = int(sys.argv[4]) if len(sys.argv) > 4 else None
-    print(json.dumps(measure(assets_dir, preset_name, run, short)))
+    measured = measure(assets_dir, preset_name, run, short)
+    from elfctl.config import resolve as resolve_preset
+
+    full = resolve_preset(preset_name).data.max_length
+    print(json.dumps({**measured, **estimate_batch_80gb(measured, full)}))

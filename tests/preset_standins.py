@@ -261,7 +261,7 @@ def evaluate(trainer, run_dir: Path) -> dict:
         "exit_code": 0,
         "seconds": time.perf_counter() - start,
         "rows": [
-            {k: v for k, v in row.items() if k in ("setting", "bleu", "rouge1", "rouge2", "rougeL")}
+            {"setting": row["setting"], **{k: m["value"] for k, m in row["metrics"].items()}}
             for row in summary["rows"]
         ],
     }

@@ -162,8 +162,9 @@ def train(
     precision = training_precision(cpu, mixed_precision, cfg.train.gpu_precision)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=precision.mode)
     run_dir = run_dir or Path("runs") / cfg.name
-    trainer = Trainer(cfg, run_dir, accelerator, resume, data_progress=ChunkProgress())
-    trainer.log_with = trackers
+    trainer = Trainer(
+        cfg, run_dir, accelerator, resume, data_progress=ChunkProgress(), log_with=trackers
+    )
     main = accelerator.is_main_process
     if main:
         print_prepared_rows(cfg.data.train, trainer.prepared)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import sys
 import time
@@ -139,6 +140,34 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def hwm_bytes() -> int:
+    """The peak resident memory since the last `reset_hwm` (Linux VmHWM)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: the peak resident memory starts again from now
+
+
+def activation_bytes(trainer) -> int:
+    """What one forward and backward at batch 1 holds at its peak, beyond the run's state
+    and the gradients: the activations (the first step's peak is the optimizer's own)."""
+    import gc
+
+    batches = trainer._micro_batches()
+    gc.collect()
+    reset_hwm()
+    start = rss_bytes()
+    parts = trainer.micro_loss(batches[0], trainer.loss_denominator(batches))
+    parts.loss.backward()
+    peak = hwm_bytes()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    gradients = 4 * sum(p.numel() for p in trainer.raw_model.parameters())
+    return max(peak - start - gradients, 0)
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (user + system): what a step costs on a shared machine."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -189,6 +218,7 @@ def measure(assets: Path, preset: str, run_dir: Path, length: int | None = None)
     result["muon_state"] = sum(
         1 for state in trainer.optimizer.state_dict()["state"].values() if state
     )
+    result["activation_bytes"] = activation_bytes(trainer)
     if length is None:
         start, cpu = time.perf_counter(), cpu_seconds()
         texts = trainer.sample_now()
@@ -222,17 +252,14 @@ def estimate_batch_80gb(result: dict, full_length: int) -> dict:
     Held for the whole run, in fp32 as the trainer keeps them: weights, EMA and gradients
     (4 bytes each per parameter), Muon's momentum (4) or Adam's two moments (8; taken
     for every parameter, an upper bound), and the frozen encoder (4 per parameter).
-    Per sample: the step's peak resident memory above its start, less the gradients,
-    measured at batch 1 in fp32 and scaled linearly to `full_length` (memory-efficient
-    attention keeps activations linear in length). The peak may be the optimizer's own
-    (its state is created in the first step), so this overstates activations: the
-    estimate errs on the small side, and bf16 autocast would store most activations in
-    half the bytes.
+    Per sample: the activations of one forward and backward at batch 1 in fp32
+    (`activation_bytes`), scaled linearly to `full_length` (memory-efficient attention
+    keeps activations linear in length). bf16 autocast would store most activations in
+    half the bytes, so the estimate errs on the small side.
     """
     params, encoder = result["parameters"], result["encoder_parameters"]
     held = (4 + 4 + 4 + 8) * params + 4 * encoder + GPU_OVERHEAD
-    per_sample = max(result["train_peak_rss"] - result["setup_rss"] - 4 * params, 1)
-    per_sample *= full_length / result["length"]
+    per_sample = max(result["activation_bytes"], 1) * full_length / result["length"]
     return {
         "held_gb": held / 1e9,
         "per_sample_gb": per_sample / 1e9,

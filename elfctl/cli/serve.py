@@ -7,7 +7,8 @@ import os
 import typer
 
 from elfctl.cli.app import app, console, handle_errors
-from elfctl.errors import UserError
+from elfctl.cli.options import Cpu, Precision, check_precision
+from elfctl.cli.sample import TOKENIZER_OPTION
 
 API_KEY_ENV = "ELFCTL_API_KEY"
 
@@ -30,7 +31,7 @@ def serve(
     preset: str = typer.Option(
         None, "--preset", help="Preset for official checkpoints (tokenizer, sampling defaults)."
     ),
-    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer hub id or local folder."),
+    tokenizer: str = TOKENIZER_OPTION,
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."
     ),
@@ -55,10 +56,8 @@ def serve(
     frames: int = typer.Option(
         8, "--frames", min=1, help="Texts a stream sends while the text forms (K)."
     ),
-    precision: str = typer.Option(
-        "auto", "--precision", help="auto (as elfctl sample picks), bf16 or fp32."
-    ),
-    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even if a GPU is present."),
+    precision: Precision = "auto",
+    cpu: Cpu = False,
 ) -> None:
     """Serve a checkpoint over HTTP: OpenAI's /v1/completions (prompts, infill, streams of
     the text forming), /v1/models, /health, and a playground page at / (docs/serving.md)."""
@@ -68,8 +67,7 @@ def serve(
     from elfctl.runs import load_for_sampling
     from elfctl.serve import Engine, Server, check_extra
 
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
+    check_precision(precision)
     check_extra()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     procs = processes(cpu)

@@ -30,9 +30,9 @@ from elfctl import records
 from elfctl.config import SamplingSetting
 from elfctl.distributed import Processes
 from elfctl.errors import UserError
-from elfctl.runs.evaluate import LogFn, ProgressFn, ScoreFn, _no_progress
 from elfctl.runs.sample_job import LoadedModel, SampleJob
 from elfctl.runs.stats import mean_stderr
+from elfctl.scoring import LogFn, ProgressFn, ScoreFn, no_progress
 from elfctl.version import __version__
 
 SWEEP_FILE = "sweep.json"
@@ -51,21 +51,6 @@ SWEEP_METRICS = {
 
 
 # ----------------------------------------------------------------------------- planning
-
-
-def parse_int_list(text: str, option: str, minimum: int | None = None) -> list[int]:
-    """'8,16,32' -> [8, 16, 32]: integers, no repeats, each at least `minimum`."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated integers, got '{text}'.") from None
-    if not values:
-        raise UserError(f"{option} names no values.")
-    if len(set(values)) != len(values):
-        raise UserError(f"{option} names a value twice: '{text}'.")
-    if minimum is not None and min(values) < minimum:
-        raise UserError(f"{option} values must be at least {minimum}, got {min(values)}.")
-    return values
 
 
 def run_dir(out_dir: Path, steps: int, seed: int) -> Path:
@@ -125,7 +110,7 @@ def run_sweep(
     procs = procs or Processes(device=next(loaded.model.parameters()).device)
 
     log = log or (lambda message: None)
-    progress = progress or _no_progress
+    progress = progress or no_progress
     check_sweep_out_dir(out_dir, steps, seeds, force)
     runs: list[tuple[int, int, Path, dict[str, Any]]] = []
     for n_steps in steps:

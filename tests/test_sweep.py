@@ -133,7 +133,10 @@ def test_an_earlier_sweep_is_kept_unless_forced(tmp_path, model):
         (["--steps", "0,4"], "at least 1"),
         (["--steps", "4,4"], "twice"),
         (["--seeds", ""], "names no values"),
-        (["--sampler", "euler"], "ode or sde"),
+        (["--sampler", "euler"], "must be one of ode, sde"),
+        (["--samplers", "sde,euler"], "unknown sampler 'euler'"),
+        (["--samplers", "sde", "--sampler", "ode"], "pass one of them"),
+        (["--forwards", "4,x"], "comma-separated integers"),
         (["--references", "nowhere.txt"], "--references not found"),
     ],
 )

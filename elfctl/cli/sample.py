@@ -66,11 +66,15 @@ def sample(
         None, "--setting", help="Named official sampling setting of the preset (default: first)."
     ),
     steps: int = typer.Option(None, "--steps", min=1, help="Sampling steps."),
-    sampler: str = typer.Option(None, "--sampler", help="ode or sde."),
+    sampler: str = typer.Option(
+        None, "--sampler", help="ode or sde (official), or heun, dpm2m... (docs/solvers.md)."
+    ),
     gamma: float = typer.Option(None, "--gamma", min=0.0, help="SDE churn."),
     sc_cfg: float = typer.Option(None, "--sc-cfg", help="Self-conditioning guidance scale."),
     cfg: float = typer.Option(None, "--cfg", help="Classifier-free guidance scale."),
-    time_schedule: str = typer.Option(None, "--time-schedule", help="uniform or logit_normal."),
+    time_schedule: str = typer.Option(
+        None, "--time-schedule", help="logit_normal (official), uniform, quantile, karras..."
+    ),
     num_samples: int = typer.Option(None, "--num-samples", min=1, help="How many samples."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Samples per forward."),
     length: int = typer.Option(None, "--length", min=1, help="Sequence length in tokens."),
@@ -158,12 +162,9 @@ def sample(
     from elfctl.config import sampling_setting
     from elfctl.distributed import processes
     from elfctl.runs import SampleJob, load_for_sampling
-    from elfctl.sampling import GRIDS
+    from elfctl.sampling import GRIDS, check_sampler, check_schedule
 
-    if sampler is not None and sampler not in ("ode", "sde"):
-        raise UserError(f"--sampler must be ode or sde, got '{sampler}'.")
-    if time_schedule is not None and time_schedule not in ("uniform", "logit_normal"):
-        raise UserError(f"--time-schedule must be uniform or logit_normal, got '{time_schedule}'.")
+    check_sampler(sampler), check_schedule(time_schedule)
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
     if grid not in GRIDS:

@@ -37,7 +37,8 @@ SWEEP_HELP = (
         "--paper\n\n"
         "  elfctl sweep --repo runs/tiny --steps 4,8,16,32,64 --scorer ./tiny-gpt2 "
         "--references testbed:grammar/validation\n\n"
-        "  elfctl sweep --repo runs/my-run --sampler ode --seeds 0,1,2 --num-samples 200"
+        "  elfctl sweep --repo runs/my-run --sampler ode --seeds 0,1,2 --num-samples 200\n\n"
+        "  elfctl sweep --repo runs/tiny --samplers sde,heun,dpm2m --forwards 4,8,16,32"
     ),
 )
 @handle_errors
@@ -52,11 +53,21 @@ def sweep_command(
     setting: str = typer.Option(
         None, "--setting", help="Named sampling setting of the preset to start from."
     ),
-    sampler: str = typer.Option(None, "--sampler", help="ode or sde."),
+    sampler: str = typer.Option(
+        None, "--sampler", help="ode or sde (official), or heun, dpm2m... (docs/solvers.md)."
+    ),
     gamma: float = typer.Option(None, "--gamma", min=0.0, help="SDE churn."),
     sc_cfg: float = typer.Option(None, "--sc-cfg", help="Self-conditioning guidance scale."),
     cfg: float = typer.Option(None, "--cfg", help="Classifier-free guidance scale."),
-    time_schedule: str = typer.Option(None, "--time-schedule", help="uniform or logit_normal."),
+    time_schedule: str = typer.Option(
+        None, "--time-schedule", help="logit_normal (official), uniform, quantile, karras..."
+    ),
+    samplers: str = typer.Option(
+        None, "--samplers", help="Samplers as an axis, e.g. sde,heun,dpm2m (docs/solvers.md)."
+    ),
+    forwards: str = typer.Option(
+        None, "--forwards", help="Forward budgets in place of --steps, e.g. 4,8,16,32."
+    ),
     seeds: str = typer.Option("0", "--seeds", help="Seeds, comma-separated (e.g. 0,1,2,3,4,5)."),
     num_samples: int = typer.Option(
         None, "--num-samples", min=1, help="Samples per (steps, seed) (default: the setting's)."
@@ -95,18 +106,18 @@ def sweep_command(
     from elfctl.config import sampling_setting
     from elfctl.distributed import processes
     from elfctl.runs import load_for_sampling, sweep
+    from elfctl.sampling import check_sampler, check_schedule
 
-    if sampler is not None and sampler not in ("ode", "sde"):
-        raise UserError(f"--sampler must be ode or sde, got '{sampler}'.")
-    if time_schedule is not None and time_schedule not in ("uniform", "logit_normal"):
-        raise UserError(f"--time-schedule must be uniform or logit_normal, got '{time_schedule}'.")
+    check_sampler(sampler), check_schedule(time_schedule)
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
-    step_counts = sweep.parse_int_list(steps, "--steps", minimum=1)
+    axes = sweep.parse_axes(steps, forwards, samplers, sampler)
+    step_counts, budgets, sampler_list = axes
     seed_list = parse_seeds(seeds)
     sweep.require_matplotlib()  # before hours of sampling, not after
     out_dir = out_dir or Path("outputs") / time.strftime("sweep-%Y%m%d-%H%M%S")
-    sweep.check_sweep_out_dir(out_dir, step_counts, seed_list, force)
+    cells = sweep.plan_cells(sampler or "sde", step_counts, sampler_list, budgets)
+    sweep.check_sweep_out_dir(out_dir, cells, seed_list, force)
     reference_texts = None
     if references is not None:
         from elfctl.cli.score_distribution import load_references
@@ -166,6 +177,8 @@ def sweep_command(
         progress=progress,
         log=lambda message: console.print(message, highlight=False),
         procs=procs,
+        samplers=sampler_list,
+        budgets=budgets,
     )
     if not procs.is_main:
         return
@@ -224,7 +237,11 @@ def report(summary: dict[str, Any], json_out: bool) -> None:
     labels = {"gen_ppl": "Gen PPL", "entropy": "entropy", "mauve": "MAUVE"}
     paper = (summary.get("paper") or {}).get("gen_ppl", {})
     table = Table(title=f"elfctl sweep: {summary.get('repo')} (scorer {summary.get('scorer')})")
+    several = len(summary.get("samplers") or []) > 1
+    if several:
+        table.add_column("sampler")
     table.add_column("steps", justify="right")
+    table.add_column("forwards", justify="right")
     table.add_column("n", justify="right")
     for name in names:
         table.add_column(labels[name], justify="right")
@@ -233,12 +250,15 @@ def report(summary: dict[str, Any], json_out: bool) -> None:
     table.add_column("wall s", justify="right")
     for row in summary["rows"]:
         cells = [cell(row["metrics"].get(name), 3 if name == "mauve" else 2) for name in names]
-        if paper:
+        if paper:  # the paper's curve is the official SDE's (one forward a step)
             value = paper.get(str(row["steps"]), paper.get(row["steps"]))
+            value = value if row.get("sampler", "sde") == "sde" else None
             cells.append("-" if value is None else f"{value:g}")
         seeds = len(row["seeds"])
         table.add_row(
+            *([row.get("sampler", "")] if several else []),
             str(row["steps"]),
+            str(row.get("forwards", row["steps"])),
             f"{row['n']} x {seeds}" if seeds > 1 else str(row["n"]),
             *cells,
             f"{row['wall_seconds']:.1f}",

@@ -146,7 +146,7 @@ def sweep_command(
     n = num_samples or chosen.num_samples
     kinds = ["gen_ppl"] + (["mauve"] if reference_texts is not None else [])
     console.print(
-        f"sweeping {repo}: steps {', '.join(map(str, step_counts))} x seeds "
+        f"sweeping {repo}: {sweep.describe_cells(cells)} x seeds "
         f"{', '.join(map(str, seed_list))}, {n} samples each, on {device} -> {out_dir}",
         highlight=False,
     )

@@ -150,6 +150,17 @@ def plan_cells(
     return cells
 
 
+def describe_cells(cells: list[Cell]) -> str:
+    """'steps 8, 16' for one sampler; 'sde 8, 16; heun 4, 8 steps' for several."""
+    by_sampler: dict[str, list[int]] = {}
+    for cell in cells:
+        by_sampler.setdefault(cell.sampler, []).append(cell.steps)
+    if len(by_sampler) == 1:
+        return "steps " + ", ".join(map(str, next(iter(by_sampler.values()))))
+    parts = [f"{name} {', '.join(map(str, steps))}" for name, steps in by_sampler.items()]
+    return "; ".join(parts) + " steps"
+
+
 def check_sweep_out_dir(
     out_dir: Path, cells: list[Cell] | list[int], seeds: list[int], force: bool
 ) -> None:
@@ -383,13 +394,14 @@ def plot(summary: dict[str, Any], path: str | Path, paper: bool | None = None) -
             axes[1].tick_params(axis="y", colors="C2")
     ppl_axis.set_yscale("log")  # Gen PPL falls by multiples as steps double
     _plain_log_labels(ppl_axis)
-    ppl_axis.set_ylabel("Gen PPL (lower is better, log scale)", color="C0" if single else None)
-    entropy_axis.set_ylabel("unigram entropy (nats)", color="C1" if single else None)
+    ppl_axis.set_ylabel("Gen PPL (lower is better, log scale)", color="C0" if single else "k")
+    entropy_label = "unigram entropy (nats)" + ("" if single else ", dashed")
+    entropy_axis.set_ylabel(entropy_label, color="C1" if single else "k")
     handles = ppl_axis.get_legend_handles_labels()
     more = entropy_axis.get_legend_handles_labels()
     ppl_axis.legend(handles[0] + more[0], handles[1] + more[1], loc="upper right", fontsize=7)
     if has_mauve:
-        axes[1].set_ylabel("MAUVE (higher is better)", color="C2" if single else None)
+        axes[1].set_ylabel("MAUVE (higher is better)", color="C2" if single else "k")
         if not single:
             axes[1].legend(fontsize=7)
     bottom = axes[-1]

@@ -244,6 +244,8 @@ def table(args) -> None:
 
 
 def speed(args) -> None:
+    """Round-robin over the samplers (repeat r of every sampler before repeat r + 1), so that a
+    busy machine's slow moments fall on all of them alike; the median call is reported."""
     import torch
 
     from elfctl.config import ModelConfig, resolve
@@ -261,24 +263,27 @@ def speed(args) -> None:
     for label, config, length, batch in shapes:
         model = ELF(config).eval()
         noise = torch.randn(batch, length, config.latent_dim)
-        for name in SOLVERS:
-            steps = SOLVERS[name].steps_for(args.forwards)
-            settings = SamplerSettings(steps=steps, method=name)
-            counted: list[int] = []
-            times = []
-            for repeat in range(args.repeats + 1):
+        times: dict[str, list[float]] = {name: [] for name in SOLVERS}
+        counts: dict[str, int] = {}
+        for repeat in range(args.repeats + 1):
+            for name in SOLVERS:
+                steps = SOLVERS[name].steps_for(args.forwards)
+                settings = SamplerSettings(steps=steps, method=name)
+                counted: list[int] = []
                 gen = torch.Generator().manual_seed(repeat)
                 start = time.perf_counter()
                 with torch.no_grad():
                     z = sample_latents(model, settings, noise, gen, forwards=counted)
                     decode(model, z, settings.sc_cfg)
-                if repeat:  # the first call warms up
-                    times.append(time.perf_counter() - start)
-            forwards = counted[0] + 1
-            best = min(times)
+                if repeat:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+                counts[name] = counted[0]
+        for name in SOLVERS:
+            call = statistics.median(times[name])
+            steps = SOLVERS[name].steps_for(args.forwards)
             print(
-                f"| {label} | {batch} | {name} | {steps} | {counted[0]} (+1) | {best:.3f} | "
-                f"{1000 * best / forwards:.2f} |",
+                f"| {label} | {batch} | {name} | {steps} | {counts[name]} (+1) | {call:.3f} | "
+                f"{1000 * call / (counts[name] + 1):.2f} |",
                 flush=True,
             )
 

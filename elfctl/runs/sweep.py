@@ -381,7 +381,8 @@ def plot(summary: dict[str, Any], path: str | Path, paper: bool | None = None) -
         _series(entropy_axis, group, "entropy", e_color, "^", f"{prefix}entropy", style)
         if has_mauve:
             _series(axes[1], group, "mauve", "C2" if single else color, "D", f"{prefix}MAUVE")
-    ticks = {_forwards(row) for row in rows}
+    # Budgets when the sweep has them (a Heun line sits at 7 and 15 beside 8 and 16).
+    ticks = {row.get("budget", _forwards(row)) for row in rows}
     if overlay:
         points = sorted((int(k), v) for k, v in overlay["gen_ppl"].items())
         x, y = zip(*points, strict=True)

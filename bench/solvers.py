@@ -19,11 +19,14 @@ Three subcommands (docs/solvers.md shows the tables they print):
   speed     Time per forward of each sampler, side by side in one run: the tiny net (length
             16) and ELF-B shapes (length 128, random weights), on the CPU; wall time of a
             whole sampling call divided by its true forwards (decode included).
+  overhead  What each sampler spends outside the network per step: the same loop with a
+            network that costs nothing (x_hat = z), at the tiny and ELF-B shapes.
 
     OMP_NUM_THREADS=1 python bench/solvers.py quality --task tiny --run-dir runs/tiny \
         --results outputs/solvers/tiny.jsonl
     python bench/solvers.py table outputs/solvers/tiny.jsonl
     OMP_NUM_THREADS=1 python bench/solvers.py speed
+    OMP_NUM_THREADS=1 python bench/solvers.py overhead
 """
 
 from __future__ import annotations
@@ -203,13 +206,9 @@ def _append(path: Path, record: dict) -> None:
 METRICS = ("accepted", "gen_ppl", "mauve", "bleu", "distinct_4", "self_bleu", "seconds")
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return mean, se
-
-
 def table(args) -> None:
+    from elfctl.runs import mean_stderr
+
     cells = [
         json.loads(line) for path in args.results for line in Path(path).read_text().splitlines()
     ]
@@ -229,7 +228,7 @@ def table(args) -> None:
             if not values:
                 parts.append("-")
                 continue
-            mean, se = mean_se(values)
+            mean, se = mean_stderr(values)
             parts.append(
                 f"{mean:.1f} ± {se:.1f}" if metric != "mauve" else f"{mean:.3f} ± {se:.3f}"
             )
@@ -288,6 +287,49 @@ def speed(args) -> None:
             )
 
 
+class NullNet:
+    """A network that costs nothing (x_hat = z): what a sampler spends outside the network."""
+
+    def __init__(self, latent_dim: int):
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(self_cond=True, t_eps=0.05, latent_dim=latent_dim)
+
+    def __call__(self, inputs, t, sc_scale=None, decode=False):
+        return inputs[..., : self.cfg.latent_dim], None
+
+
+def overhead(args) -> None:
+    """Milliseconds per step outside the network (a zero-cost network), per sampler."""
+    import torch
+
+    from elfctl.config import ModelConfig, resolve
+    from elfctl.sampling import SOLVERS, SamplerSettings, sample_latents
+
+    shapes = [
+        ("tiny (length 16)", resolve("tiny").model.latent_dim, 16, args.batch_size),
+        ("ELF-B (length 128)", ModelConfig().latent_dim, 128, args.elf_b_batch),
+    ]
+    print(f"time outside the network, {torch.get_num_threads()} thread(s), CPU (machine busy)")
+    print("| shape | batch | sampler | steps | forwards | ms per step outside the network |")
+    print("|---|---|---|---|---|---|")
+    for label, width, length, batch in shapes:
+        net, noise = NullNet(width), torch.randn(batch, length, width)
+        times: dict[str, list[float]] = {name: [] for name in SOLVERS}
+        for repeat in range(args.repeats + 1):
+            for name in SOLVERS:
+                settings = SamplerSettings(steps=args.steps, method=name)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    sample_latents(net, settings, noise, torch.Generator().manual_seed(repeat))
+                if repeat:
+                    times[name].append(time.perf_counter() - start)
+        for name in SOLVERS:
+            ms = 1000 * statistics.median(times[name]) / args.steps
+            forwards = SOLVERS[name].forwards(args.steps)
+            print(f"| {label} | {batch} | {name} | {args.steps} | {forwards} | {ms:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -313,8 +355,13 @@ def main() -> None:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--elf-b-batch", type=int, default=4)
     s.add_argument("--repeats", type=int, default=2)
+    o = sub.add_parser("overhead")
+    o.add_argument("--steps", type=int, default=32)
+    o.add_argument("--batch-size", type=int, default=64)
+    o.add_argument("--elf-b-batch", type=int, default=32)
+    o.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    {"quality": quality, "table": table, "speed": speed}[args.command](args)
+    {"quality": quality, "table": table, "speed": speed, "overhead": overhead}[args.command](args)
 
 
 if __name__ == "__main__":

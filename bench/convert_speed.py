@@ -43,7 +43,7 @@ SIZES = {
 MEASURE = """
 import json, resource, sys, time
 start = time.perf_counter()
-from elfctl.convert_jax import convert_checkpoint
+from elfctl.convert import convert_checkpoint
 imported = time.perf_counter()
 mode = sys.argv[1]
 if mode == "convert":

@@ -162,6 +162,21 @@ class SamplingSetting:
     paper: dict[str, float] = field(default_factory=dict)
 
 
+# The test bed's own Gen PPL scorer (a small GPT-2 that knows its language, built offline).
+TESTBED_SCORER = "testbed:grammar/scorer"
+DEFAULT_SCORER = "gpt2-large"
+
+
+@dataclass
+class EvalConfig:
+    """How samples of this model are scored (`eval`, `sweep`, `score-ppl`)."""
+
+    # Gen PPL model, also the tokens of the diversity metrics: a causal LM hub id, a local
+    # folder, or testbed:grammar/scorer. None: the test bed's scorer for a model in the
+    # test bed's language, else gpt2-large (the paper's).
+    scorer: str | None = None
+
+
 @dataclass
 class DistillConfig:
     """Progressive distillation (section 8)."""
@@ -188,6 +203,16 @@ class Config:
         default_factory=lambda: [SamplingSetting(name="sde-32")]
     )
     distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def default_scorer(cfg: Config) -> str:
+    """The Gen PPL scorer of a config: `eval.scorer`, else the test bed's for a model in the
+    test bed's language, else gpt2-large."""
+    if cfg.eval.scorer is not None:
+        return cfg.eval.scorer
+    in_testbed = cfg.encoder.tokenizer.startswith("testbed:grammar/")
+    return TESTBED_SCORER if in_testbed else DEFAULT_SCORER
 
 
 # ---------------------------------------------------------------------------
@@ -303,7 +328,78 @@ def _indices(update: dict[str, Any], items: list) -> bool:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data, "")
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+# (section, key, least value): sizes, lengths, counts and batches that must be positive.
+_AT_LEAST = [
+    ("model", "hidden_size", 1),
+    ("model", "depth", 1),
+    ("model", "num_heads", 1),
+    ("model", "bottleneck", 1),
+    ("model", "latent_dim", 1),
+    ("model", "num_time_tokens", 0),
+    ("model", "num_sc_tokens", 0),
+    ("model", "num_mode_tokens", 0),
+    ("encoder", "latent_stats_rows", 1),
+    ("data", "max_length", 2),
+    ("data", "max_input_length", 0),
+    ("data", "num_workers", 0),
+    ("data", "num_proc", 1),
+    ("train", "global_batch", 1),
+    ("train", "micro_batch", 1),
+    ("train", "max_steps", 1),
+    ("train", "log_every", 1),
+    ("train", "checkpoint_every", 1),
+    ("train", "keep_checkpoints", 1),
+    ("train", "sample_every", 0),
+    ("train", "sample_count", 1),
+]
+_SAMPLING_AT_LEAST = [("steps", 1), ("num_samples", 1), ("batch_size", 1), ("length", 1)]
+
+
+def validate(cfg: Config) -> None:
+    """Refuse values no run can use, naming the key, before anything is built or written."""
+    for section, key, least in _AT_LEAST:
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, (int, float)) and value < least:
+            raise UserError(f"Config key '{section}.{key}' must be at least {least}, got {value}.")
+    if isinstance(cfg.model.vocab_size, int) and cfg.model.vocab_size < 2:
+        raise UserError(
+            f"Config key 'model.vocab_size' must be at least 2, got {cfg.model.vocab_size}."
+        )
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise UserError(
+            f"Config key 'model.hidden_size' ({cfg.model.hidden_size}) must be a multiple of "
+            f"model.num_heads ({cfg.model.num_heads})."
+        )
+    if cfg.data.max_input_length >= cfg.data.max_length:
+        raise UserError(
+            f"Config key 'data.max_input_length' ({cfg.data.max_input_length}) must be less than "
+            f"data.max_length ({cfg.data.max_length}): the output needs tokens too."
+        )
+    for i, setting in enumerate(cfg.sampling):
+        for key, least in _SAMPLING_AT_LEAST:
+            value = getattr(setting, key)
+            if value is not None and value < least:
+                raise UserError(
+                    f"Config key 'sampling[{i}].{key}' must be at least {least}, got {value}."
+                )
+    _validate_scorer(cfg.eval.scorer)
+
+
+def _validate_scorer(scorer: str | None) -> None:
+    if scorer is None:
+        return
+    if not scorer.strip():
+        raise UserError("Config key 'eval.scorer' must name a scorer, got an empty string.")
+    if scorer.startswith("testbed:") and scorer != TESTBED_SCORER:
+        raise UserError(
+            f"Config key 'eval.scorer' names an unknown test-bed scorer {scorer!r}; the test bed "
+            f"has {TESTBED_SCORER}."
+        )
 
 
 def to_dict(cfg: Any) -> Any:

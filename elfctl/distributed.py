@@ -66,3 +66,17 @@ def batches(ids: Sequence[int], batch_size: int) -> list[list[int]]:
     """Consecutive ids cut into batches of `batch_size` (the last may be shorter)."""
     ids = list(ids)
     return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
+def local_device(device: Any) -> Any:
+    """`device` as a torch.device that torch.load's map_location and safetensors accept.
+
+    Accelerate numbers the CPU processes of a multi-process run's devices (cpu:0, cpu:1):
+    the index is a rank, not a place, and torch.load ("don't know how to restore data
+    location ... cpu:0") and safetensors refuse it. A CPU device is plain "cpu"; any other
+    device is kept as it is.
+    """
+    import torch
+
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "cpu" else device

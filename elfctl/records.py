@@ -79,6 +79,44 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> Path:
+    """`torch.save(obj)` to `path`, atomically (serialised in memory: meant for small state)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> Path:
+    """Append `record` as one JSON line to `path` (an append-only log).
+
+    The whole line goes out in a single write() on an O_APPEND descriptor, then fsync,
+    so a crash leaves at worst a missing line, never a line mixed with another. If a
+    previous crash left a final line without its newline, we start on a fresh line.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size > 0:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(f"{path}: short write ({written} of {len(line)} bytes)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
 # ----------------------------------------------------------------------------- samples
 
 
@@ -234,30 +272,8 @@ def read_run_json(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def append_metrics(directory: str | os.PathLike[str], record: dict[str, Any]) -> Path:
-    """Append `record` as one line to `directory`/metrics.jsonl.
-
-    The whole line goes out in a single write() on an O_APPEND descriptor, then fsync,
-    so a crash leaves at worst a missing line, never a line mixed with another. If a
-    previous crash left a final line without its newline, we start on a fresh line.
-    """
-    path = Path(directory) / METRICS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size > 0:
-            with open(path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    line = b"\n" + line
-        written = os.write(fd, line)
-        if written != len(line):
-            raise OSError(f"{path}: short write ({written} of {len(line)} bytes)")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
+    """Append `record` as one line to `directory`/metrics.jsonl (see `append_jsonl`)."""
+    return append_jsonl(Path(directory) / METRICS_FILE, record)
 
 
 def read_metrics(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -143,3 +143,19 @@ def test_official_writer_output_is_read_back(tmp_path):
     ckpt = load_checkpoint(str(tmp_path / "checkpoint_7"))
     assert ckpt.step == 7 and ckpt.format == "official"
     torch.testing.assert_close(ckpt.state_dict["proj_kernel"], ema["proj_kernel"])
+
+
+def test_load_model_carries_the_config_that_describes_the_checkpoint(tmp_path):
+    ema = official_state(3)
+    from elfctl.model import infer_model_config
+
+    cfg = Config(name="tiny-test")
+    cfg.encoder.tokenizer = "my-tokenizer"
+    cfg.model = infer_model_config(ema)
+    save_model_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000010", ema, cfg, step=10)
+    ours = elfctl.load_model(str(tmp_path / "run"))
+    assert ours.config.name == "tiny-test" and ours.config.encoder.tokenizer == "my-tokenizer"
+    assert ours.config.model == ours.cfg
+    write_official(tmp_path / "checkpoint_100", official_state(0))
+    official = elfctl.load_model(str(tmp_path / "checkpoint_100"))
+    assert official.config.model == official.cfg and official.config.encoder.tokenizer == "t5-small"

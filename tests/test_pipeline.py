@@ -174,7 +174,7 @@ def test_num_proc_2_tokenizes_the_same_rows_in_the_same_order(tmp_path, tokenize
     # two tokenizer processes, in a fresh interpreter: forking this one (which may hold
     # JAX's threads from other tests) could deadlock
     build = (
-        "import elfctl.pipeline as p; from elfctl.config import DataConfig; "
+        "import elfctl.data.pipeline as p; from elfctl.config import DataConfig; "
         "from elfctl.data import load_corpus; from transformers import AutoTokenizer; "
         "p.MAP_BATCH = 8; "  # several batches per process
         f"tok = AutoTokenizer.from_pretrained({str(tmp_path / 'tokenizer')!r}); "

@@ -221,3 +221,31 @@ def test_distill_refuses_a_streamed_dataset(tmp_path):
     cfg.distill.teacher = str(tmp_path / "no-teacher")
     with pytest.raises(UserError, match="distill does not stream"):
         DistillTrainer(round_config(cfg, 1), tmp_path / "run", make_accelerator(cpu=True))
+
+
+@pytest.mark.parametrize("kind", ["glob", "file", "txt"])
+def test_local_files_and_globs_stream_and_resume_exactly(tmp_path, tokenizer, kind):
+    repo = text_repo(tmp_path / "repo", TEXTS, shards=2)
+    source = str(repo / "*.jsonl") if kind == "glob" else str(repo / "train-00.jsonl")
+    texts = TEXTS if kind == "glob" else TEXTS[:6]
+    if kind == "txt":  # one example per non-empty line
+        source = str(tmp_path / "corpus.txt")
+        Path(source).write_text("\n".join(t + "\n" for t in TEXTS))
+        texts = TEXTS
+    cfg = DataConfig(max_length=16)
+    stream = RowStream(source, cfg, tokenizer, "train")
+    check_exact_resume(lambda: RowStream(source, cfg, tokenizer, "train").stream, source)
+    first = stream.take(4)
+    state = json.loads(json.dumps(stream.state_dict()))
+    rest = stream.take(len(texts) - 4)
+    assert [row["input_ids"] for row in first + rest] == ids_of(tokenizer, texts)
+    resumed = RowStream(source, cfg, tokenizer, "train")
+    resumed.load_state_dict(state)
+    assert resumed.take(len(texts) - 4) == rest
+
+
+def test_cli_streams_a_local_glob_instead_of_calling_it_a_bad_hub_id(tmp_path):
+    repo = grammar_repo(tmp_path / "repo")
+    result, run = run_train(tmp_path, *SMALL, f"data.train={repo / '*.jsonl'}")
+    assert result.exit_code == 0, result.output
+    assert "Repo id" not in result.output and (run / "checkpoints").is_dir()

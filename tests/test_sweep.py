@@ -159,10 +159,10 @@ def test_an_earlier_sweep_is_kept_unless_forced(tmp_path, model):
         (["--steps", "0,4"], "at least 1"),
         (["--steps", "4,4"], "twice"),
         (["--seeds", ""], "names no values"),
-        (["--sampler", "euler"], "must be one of ode, sde"),
-        (["--samplers", "sde,euler"], "unknown sampler 'euler'"),
+        (["--sampler", "euler"], "--sampler must be ode, sde, heun"),
+        (["--samplers", "sde,euler"], "--samplers must be ode, sde, heun"),
         (["--samplers", "sde", "--sampler", "ode"], "pass one of them"),
-        (["--forwards", "4,x"], "comma-separated integers"),
+        (["--forwards", "4,x"], "--forwards must be distinct integers"),
         (["--references", "nowhere.txt"], "--references not found"),
     ],
 )

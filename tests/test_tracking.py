@@ -31,8 +31,8 @@ TRACKED = (
 
 
 def tracked_run(run_dir: Path, tracker: str) -> list[dict]:
-    trainer = Trainer(small_config(*TRACKED), run_dir, make_accelerator(cpu=True))
-    trainer.log_with = [tracker]
+    config = small_config(*TRACKED)
+    trainer = Trainer(config, run_dir, make_accelerator(cpu=True), log_with=[tracker])
     trainer.fit()
     return [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
 

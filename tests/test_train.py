@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from elfctl.config import resolve
 from elfctl.errors import UserError
 from elfctl.model import list_step_dirs, load_checkpoint
-from elfctl.training import Trainer, make_accelerator, plan_batches, train
+from elfctl.training import Trainer, make_accelerator, plan_batches, read_training_state, train
 
 SMALL = [
     "model.hidden_size=32",
@@ -62,6 +63,18 @@ def test_resumed_training_equals_straight_training(tmp_path):
     log = [json.loads(x) for x in (halves / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4]
     assert {"step", "epoch", "loss", "l2", "ce", "lr", "grad_norm", "tokens_per_s"} <= set(log[0])
+
+
+def test_training_state_loads_onto_the_numbered_cpu_device_of_a_multi_process_run(tmp_path):
+    # Accelerate names the devices of a 2-process CPU run cpu:0 and cpu:1; torch.load's
+    # map_location and safetensors refuse such a device (issue: resume died on "cpu:0").
+    run = tmp_path / "run"
+    train(small_config("train.max_steps=2"), run, accelerator=make_accelerator(cpu=True))
+    checkpoint = list_step_dirs(run / "checkpoints")[-1]
+    state = read_training_state(checkpoint, 0, 1, torch.device("cpu", 1))
+    assert state.raw_weights.keys() == final_weights(run)["raw"].keys()
+    assert {t.device for t in state.raw_weights.values()} == {torch.device("cpu")}
+    assert (state.epoch, state.position) == (0, 16)  # 2 steps of 8 rows into epoch 0
 
 
 def test_run_dir_holds_config_log_and_loadable_checkpoints_with_retention(tmp_path):
@@ -150,8 +163,9 @@ def run_cli(args, cwd, env=None, **kwargs):
     )
 
 
-def cli_args(run_dir, steps):
-    sets = [x for s in SMALL + ["train.checkpoint_every=1"] for x in ("--set", s)]
+def cli_args(run_dir, steps, checkpoint_every=1):
+    settings = SMALL + [f"train.checkpoint_every={checkpoint_every}"]
+    sets = [x for s in settings for x in ("--set", s)]
     return [
         "train",
         "--preset",
@@ -187,51 +201,92 @@ def test_sigkill_loses_at_most_the_work_since_the_last_checkpoint(tmp_path):
     assert_same_weights(final_weights(straight), final_weights(killed))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(run_dir, steps, cwd, checkpoint_every=1):
+    """`accelerate launch --multi_gpu --num_processes 2 -m elfctl train ... --cpu` (gloo on
+    CPUs), in its own process group so that a kill reaches every process of the run."""
+    launcher = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",  # torchrun-style launch; --cpu below makes it gloo on CPUs
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "elfctl",
+        *cli_args(run_dir, steps, checkpoint_every),
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finished(proc, timeout=900) -> str:
+    output = proc.communicate(timeout=timeout)[0]
+    assert proc.returncode == 0, output
+    return output
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_under_accelerate_train_log_once_and_checkpoint_once(tmp_path):
     run = tmp_path / "ddp"
-    sets = [x for s in SMALL + ["train.checkpoint_every=100"] for x in ("--set", s)]
-    launcher = Path(sys.executable).with_name("accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            str(launcher),
-            "launch",
-            "--multi_gpu",  # torchrun-style launch; --cpu below makes it gloo on CPUs
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "elfctl",
-            "train",
-            "--preset",
-            "tiny",
-            "--run-dir",
-            str(run),
-            "--max-steps",
-            "2",
-            "--cpu",
-            *sets,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (proc.stdout + proc.stderr).count("done: step 2") == 1  # only the main process
+    output = finished(launch_two_processes(run, 2, tmp_path, checkpoint_every=100))
+    assert output.count("done: step 2") == 1  # only the main process
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2]
     assert [p.name for p in list_step_dirs(run / "checkpoints")] == ["step_00000002"]
     state = list_step_dirs(run / "checkpoints")[0] / "training_state"
     assert sorted(p.name for p in state.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
-    assert "2 processes" in proc.stderr + proc.stdout
+    assert "2 processes" in output
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_killed_with_sigkill_resume_to_the_weights_of_a_straight_run(
+    tmp_path,
+):
+    steps = 8
+    straight = tmp_path / "straight"
+    finished(launch_two_processes(straight, steps, tmp_path))
+
+    # Finished at step 2, then continued with a higher --max-steps (the issue's first case).
+    killed = tmp_path / "killed"
+    finished(launch_two_processes(killed, 2, tmp_path))
+    proc = launch_two_processes(killed, steps, tmp_path)
+    deadline = time.time() + 900
+    while len(list_step_dirs(killed / "checkpoints")) < 4:
+        assert proc.poll() is None, proc.communicate()[0]  # it resumed from step 2
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes
+    proc.wait()
+    survived = list_step_dirs(killed / "checkpoints")
+    assert survived and 2 < int(survived[-1].name.split("_")[1]) < steps
+
+    output = finished(launch_two_processes(killed, steps, tmp_path))
+    assert "resuming from step" in output
+    assert_same_weights(final_weights(straight), final_weights(killed))
+    log = [json.loads(x) for x in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
 
 
 def test_periodic_samples_of_a_conditional_run_are_conditioned_on_validation_sources(tmp_path):

@@ -10,6 +10,7 @@ from . import (
     sample,  # noqa: F401  (registers commands)
     score,  # noqa: F401
     score_distribution,  # noqa: F401
+    serve,  # noqa: F401
     show,  # noqa: F401
     sweep,  # noqa: F401
     train,  # noqa: F401

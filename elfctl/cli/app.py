@@ -13,12 +13,42 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
+from elfctl.cli.options import flag
 from elfctl.errors import UserError
 
-app = typer.Typer(
+
+class _FlagHelp:
+    """--help rendered as the flag it is: typer 0.29 shows every option's type (`<bool>`),
+    and a metavar, empty as `options.flag` gives our own flags, is what replaces it."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
+class _App(typer.Typer):
+    """Every command is a `_Command`."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _App(
+    cls=_Group,
     name="elfctl",
     help="Train, sample, evaluate and convert ELF (Embedded Language Flows) models.",
     no_args_is_help=True,
@@ -36,7 +66,7 @@ _state = {"debug": False}
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = flag("--debug", help="Show full tracebacks on errors."),
 ) -> None:
     _state["debug"] = debug
 
@@ -70,6 +100,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", 1)
 
     return wrapper
+
+
+def log(message: str) -> None:
+    """A library log callback: one plain line on stderr."""
+    console.print(message, highlight=False)
 
 
 def quiet_unless_main(procs) -> None:

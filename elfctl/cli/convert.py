@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.options import flag, json_flag
 from elfctl.cli.progress import progress
 from elfctl.errors import UserError
 
@@ -53,22 +54,24 @@ def convert_jax(
     preset: str = typer.Option(
         None, "--preset", help="Preset whose architecture must match and whose settings are kept."
     ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing destination."),
-    allow_untrained: bool = typer.Option(
-        False, "--allow-untrained", help="Convert even if the final layer is all zeros."
+    force: bool = flag("--force", help="Overwrite an existing destination."),
+    allow_untrained: bool = flag(
+        "--allow-untrained", help="Convert even if the final layer is all zeros."
     ),
-    encoder: bool = typer.Option(
-        False, "--encoder", help="SRC is the JAX T5 encoder pickle: write a T5EncoderModel folder."
+    encoder: bool = flag(
+        "--encoder", help="SRC is the JAX T5 encoder pickle: write a T5EncoderModel folder."
     ),
     compare: str = typer.Option(
         None, "--compare", help="With --encoder: reference T5 folder or hub id to compare with."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    json_out: bool = json_flag("the summary", table=False),
 ) -> None:
     from elfctl.convert import jax as conv
 
     if compare and not encoder:
         raise UserError("--compare only applies to --encoder conversions.")
+    if compare:
+        _check_local_reference(compare)  # before anything is converted or written
     if encoder:
         summary = conv.convert_t5_encoder(src, dst, force=force, compare=compare)
         _print_encoder_summary(summary, json_out)
@@ -100,6 +103,14 @@ def convert_jax(
         f"Wrote {summary['destination']} ({summary['format']} format).",
         highlight=False,
     )
+
+
+def _check_local_reference(compare: str) -> None:
+    from elfctl.model.encoder import looks_like_local_path
+
+    path = Path(compare).expanduser()
+    if (looks_like_local_path(compare) or path.exists()) and not path.is_dir():
+        raise UserError(f"--compare {compare}: no such folder (a T5 folder or a hub id).")
 
 
 @contextlib.contextmanager

@@ -8,8 +8,10 @@ from pathlib import Path
 import typer
 
 from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.options import MixedPrecision, json_flag
+from elfctl.cli.options import TrainCpu as Cpu
 from elfctl.cli.progress import fit_with_progress
-from elfctl.cli.train import Cpu, JsonOut, LogWith, MixedPrecision, PrintConfig, resolve_run_config
+from elfctl.cli.train import LogWith, PrintConfig, resolve_run_config
 from elfctl.config import preset_names
 
 
@@ -61,7 +63,7 @@ def distill(
     print_config: PrintConfig = False,
     cpu: Cpu = False,
     mixed_precision: MixedPrecision = None,
-    json_out: JsonOut = False,
+    json_out: bool = json_flag("a summary", table=False),
 ) -> None:
     from elfctl.config import dump_yaml
     from elfctl.errors import UserError

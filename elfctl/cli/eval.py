@@ -9,13 +9,25 @@ from typing import Any
 
 import typer
 
-from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.app import app, console, handle_errors, log, out
+from elfctl.cli.options import (
+    Compile,
+    Cpu,
+    Precision,
+    check_choice,
+    check_precision,
+    flag,
+    json_flag,
+    parse_int_list,
+)
 from elfctl.cli.sample import (
+    ENCODER_OPTION,
     HOLD_OPTION,
     INFILL_OPTION,
     KNOWN_ENCODING_OPTION,
     PROMPT_OPTION,
     PROMPTS_FILE_OPTION,
+    TOKENIZER_OPTION,
     prompting_fields,
 )
 from elfctl.cli.score_distribution import (
@@ -38,6 +50,12 @@ EVAL_HELP = (
     "--references) and diversity (dist-4, rep-4, self-BLEU; tokens of --scorer). Each "
     "setting gets its own sample run dir under --out "
     "(samples.jsonl, run.json, metrics.jsonl); eval.json there holds the summary."
+    "\n\nWhat is evaluated: --preset NAME takes that preset's data (the validation set of "
+    "a conditional preset) and sampling settings, with the checkpoint's own network; "
+    "--config FILE a config file's; with neither, a run dir (or a checkpoint of ours) is "
+    "evaluated with the config.yaml it was trained with. The scorer defaults to the "
+    "config's eval.scorer: the test bed's own scorer (testbed:grammar/scorer, offline) for "
+    "the tiny preset and gpt2-large for the official ones."
 )
 
 
@@ -53,7 +71,8 @@ EVAL_HELP = (
         "  elfctl eval --preset owt-b --repo embedded-language-flows/ELF-B-owt-torch "
         "--setting sde-32 --seeds 0,1,2,3,4,5\n\n"
         "  accelerate launch --num_processes 8 -m elfctl eval --preset owt-b --repo ...\n\n"
-        "  elfctl eval --config my-run.yaml --repo runs/my-run --out outputs/eval-my-run"
+        "  elfctl eval --config my-run.yaml --repo runs/my-run --out outputs/eval-my-run\n\n"
+        "  elfctl eval --repo runs/tiny --num-samples 64   # the run's own config.yaml"
     ),
 )
 @handle_errors
@@ -61,9 +80,16 @@ def eval_command(
     repo: str = typer.Option(
         ..., "--repo", help="Hub repo id, hub sub-path, local file or directory, or a run dir."
     ),
-    preset: str = typer.Option(None, "--preset", help="Preset whose settings to run (owt-b...)."),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        help="Preset whose data and settings to run (owt-b...; default: the run's own "
+        "config.yaml).",
+    ),
     config_file: Path = typer.Option(
-        None, "--config", help="YAML config (over --preset) naming its own sampling settings."
+        None,
+        "--config",
+        help="YAML config (over --preset) naming its own data and sampling settings.",
     ),
     settings: list[str] = typer.Option(
         None, "--setting", help="Run only this setting (repeatable; default: every one)."
@@ -90,7 +116,10 @@ def eval_command(
         None, "--out", help="Evaluation dir (default outputs/eval-<preset>-<time>)."
     ),
     scorer: str = typer.Option(
-        "gpt2-large", "--scorer", help="Gen PPL model: a causal LM hub id or local folder."
+        None,
+        "--scorer",
+        help="Gen PPL model: a causal LM hub id, local folder or testbed:grammar/scorer "
+        "(default: the config's eval.scorer).",
     ),
     score_batch_size: int = typer.Option(
         8, "--score-batch-size", min=1, help="Samples per Gen PPL forward."
@@ -105,19 +134,13 @@ def eval_command(
     reference_field: str = REFERENCE_FIELD_OPTION,
     num_references: int = NUM_REFERENCES_OPTION,
     mauve_model: str = MAUVE_MODEL_OPTION,
-    tokenizer: str = typer.Option(None, "--tokenizer", help="ELF tokenizer hub id or folder."),
-    precision: str = typer.Option(
-        "auto",
-        "--precision",
-        help="auto (on a GPU the preset's train.gpu_precision, bf16 in the official ones; "
-        "fp32 on the CPU), bf16 or fp32.",
-    ),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
-    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even if a GPU is present."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an earlier evaluation in --out."),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print eval.json on stdout (the table goes to stderr)."
-    ),
+    tokenizer: str = TOKENIZER_OPTION,
+    encoder: str = ENCODER_OPTION,
+    precision: Precision = "auto",
+    compile: Compile = False,
+    cpu: Cpu = False,
+    force: bool = flag("--force", help="Overwrite an earlier evaluation in --out."),
+    json_out: bool = json_flag("eval.json"),
     prompt: list[str] = PROMPT_OPTION,
     prompts_file: Path = PROMPTS_FILE_OPTION,
     infill: list[str] = INFILL_OPTION,
@@ -127,21 +150,25 @@ def eval_command(
     """Paper-table rows for a preset (help text: EVAL_HELP)."""
     from elfctl.cli.app import quiet_unless_main
     from elfctl.cli.progress import progress
+    from elfctl.config import default_scorer
     from elfctl.distributed import processes
     from elfctl.runs import evaluate
     from elfctl.sampling import GRIDS
+    from elfctl.scoring import Scoring, check_scorer, make_scorer
 
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
-    if grid not in GRIDS:
-        raise UserError(f"--grid must be per-sample or per-batch, got '{grid}'.")
+    check_precision(precision)
+    check_choice("--grid", grid, GRIDS)
     if seeds is not None and seed != 0:
         raise UserError("Pass --seed or --seeds, not both.")
-    seed_list = evaluate.parse_seeds(seeds) if seeds is not None else None
+    seed_list = parse_int_list(seeds, "--seeds", 0, "seed") if seeds is not None else None
     prompting = prompting_fields(prompt, prompts_file, infill, hold, known_encoding)
-    config = evaluate.resolve_eval_config(preset, config_file)
+    config = evaluate.resolve_eval_config(preset, config_file, repo)
     chosen = evaluate.select_settings(config, settings)
     kinds = evaluate.parse_metrics(metrics) if metrics is not None else None
+    scorer = scorer or default_scorer(config)
+    check_scorer(scorer)  # before any sampling, not after
+    if mauve_model is not None:
+        check_scorer(mauve_model, "--mauve-model")
     reference_texts = _references(kinds, references, reference_field, num_references)
     out_dir = out_dir or evaluate.default_out_dir(config)
     evaluate.check_eval_out_dir(out_dir, chosen, force, seed_list)
@@ -160,6 +187,7 @@ def eval_command(
         precision=precision,
         compile=compile,
         tokenizer=tokenizer,
+        encoder=encoder,
         device=device,
         force=force,
         scorer=scorer,
@@ -174,19 +202,19 @@ def eval_command(
         f"on {device} -> {out_dir}",
         highlight=False,
     )
-    summary = evaluate.run_eval(
-        request,
-        score=_scorer(
-            scorer,
-            score_batch_size,
-            cpu,
-            procs.is_main,
-            references=(references, reference_texts),
-            mauve_model=mauve_model or scorer,
-        ),
-        progress=progress,
-        log=lambda message: console.print(message, highlight=False),
+    score = make_scorer(
+        Scoring(
+            scorer=scorer,
+            batch_size=score_batch_size,
+            procs=procs,
+            references=reference_texts,
+            references_name=references,
+            mauve_model=mauve_model,
+            progress=progress,
+            log=log,
+        )
     )
+    summary = evaluate.run_eval(request, score=score, progress=progress, log=log)
     if procs.is_main:
         _report(summary, json_out)
 
@@ -201,54 +229,8 @@ def _references(kinds, references, field, limit):
     if references is None:
         return None
     from elfctl.cli.score_distribution import load_references
-    from elfctl.scoring import require_mauve
 
-    require_mauve()  # before the sampling, not after
-    return load_references(references, field, None, limit)
-
-
-def _scorer(
-    model: str, batch_size: int, cpu: bool, write: bool, references=(None, None), mauve_model=None
-):
-    """The functions behind the score-* commands, so eval's numbers are theirs. Cheap
-    scorers run on every process and only the main one writes (`write`)."""
-    from elfctl.cli.score import score_bleu_files, score_ppl_files, score_rouge_files
-    from elfctl.cli.score_distribution import score_diversity_files, score_mauve_files
-    from elfctl.scoring import DEFAULT_MAX_LENGTH, DEFAULT_SELF_BLEU_SAMPLES, SELF_BLEU_SEED
-
-    references_name, reference_texts = references
-
-    def score(kind: str, inputs: list[tuple[Path, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-        if kind == "gen_ppl":
-            return score_ppl_files(
-                inputs, model, batch_size=batch_size, max_length=DEFAULT_MAX_LENGTH, cpu=cpu
-            )
-        if kind == "bleu":  # cheap: every process scores, the main one writes
-            return score_bleu_files(inputs, write=write)
-        if kind == "rouge":
-            return score_rouge_files(inputs, write=write)
-        if kind == "mauve":
-            return score_mauve_files(
-                inputs,
-                reference_texts,
-                mauve_model or model,
-                references_name=references_name,
-                batch_size=batch_size,
-                cpu=cpu,
-                write=write,
-            )
-        if kind == "diversity":
-            return score_diversity_files(
-                inputs,
-                model,
-                max_length=DEFAULT_MAX_LENGTH,
-                self_bleu_samples=DEFAULT_SELF_BLEU_SAMPLES,
-                seed=SELF_BLEU_SEED,
-                write=write,
-            )
-        raise ValueError(f"unknown scorer kind {kind!r}")
-
-    return score
+    return load_references(references, field, None, limit)  # before the sampling
 
 
 # ----------------------------------------------------------------------------- output

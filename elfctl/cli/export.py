@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.options import flag, json_flag
 
 
 @app.command(
@@ -38,9 +39,9 @@ def export(
     push_to_hub: str = typer.Option(
         None, "--push-to-hub", help="Upload the folder to this hub model repo (ORG/NAME)."
     ),
-    private: bool = typer.Option(False, "--private", help="Create the hub repo as private."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing OUT folder."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    private: bool = flag("--private", help="Create the hub repo as private."),
+    force: bool = flag("--force", help="Replace an existing OUT folder."),
+    json_out: bool = json_flag("a summary", table=False),
 ) -> None:
     from elfctl.convert import FORMATS
     from elfctl.convert import export as run_export

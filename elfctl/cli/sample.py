@@ -9,6 +9,16 @@ from pathlib import Path
 import typer
 
 from elfctl.cli.app import app, console, handle_errors, out, quiet_unless_main
+from elfctl.cli.options import (
+    Compile,
+    Cpu,
+    Precision,
+    check_choice,
+    check_precision,
+    flag,
+    json_flag,
+    md,
+)
 from elfctl.cli.progress import progress
 from elfctl.errors import UserError
 
@@ -18,7 +28,7 @@ PROMPT_OPTION = typer.Option(
     "--prompt",
     help=(
         "Fix the first tokens of each sample to this text (repeatable: sample i gets "
-        "prompt i mod the number of prompts)."
+        "prompt i mod the number of prompts). Words the tokenizer does not know are refused."
     ),
 )
 PROMPTS_FILE_OPTION = typer.Option(
@@ -27,7 +37,7 @@ PROMPTS_FILE_OPTION = typer.Option(
 INFILL_OPTION = typer.Option(
     None,
     "--infill",
-    help="Fill the gaps of a template, e.g. 'the dog [gap:5] the cat .' (repeatable).",
+    help=md("Fill the gaps of a template, e.g. 'the dog [gap:5] the cat .' (repeatable)."),
 )
 HOLD_OPTION = typer.Option(
     None, "--hold", help="How known tokens are held: clean (default, measured best) or noised."
@@ -37,10 +47,34 @@ KNOWN_ENCODING_OPTION = typer.Option(
     "--known-encoding",
     help="How known tokens are encoded: masked (default: one pass) or segments.",
 )
+# The latent space's pieces, shared with `elfctl eval`.
+TOKENIZER_OPTION = typer.Option(
+    None, "--tokenizer", help="Tokenizer hub id or local folder (default: the config's)."
+)
+ENCODER_OPTION = typer.Option(
+    None,
+    "--encoder",
+    help="Frozen encoder hub id or local folder, for --input, --prompt and --infill "
+    "(default: the config's, t5-small for official checkpoints).",
+)
+
+SAMPLE_HELP = md(
+    """Sample texts from an ELF checkpoint (defaults: the preset's official settings).
+
+--prompt / --prompts fix a prefix and --infill fixes the tokens around [gap:N] gaps, for
+unconditional and conditional models alike; known tokens come back unchanged and each
+row records its prompt or template in `meta`. Without --num-samples, one prompt or
+template gets the setting's number of samples and several get one sample each.
+
+With --input, the model is conditioned on each source in turn (a conditional model:
+its own run config or a conditional --preset); rows carry `condition` and, where the
+input has one, `reference`, ready for score-bleu / score-rouge."""
+)
 
 
 @app.command(
-    epilog=(
+    help=SAMPLE_HELP,
+    epilog=md(
         "Examples:\n\n"
         "  elfctl sample --repo embedded-language-flows/ELF-B-owt-torch --steps 32\n\n"
         "  elfctl sample --repo runs/tiny --num-samples 64 --out outputs/tiny\n\n"
@@ -52,7 +86,7 @@ KNOWN_ENCODING_OPTION = typer.Option(
         "  elfctl sample --repo runs/tiny --infill 'the [gap:2] dog [gap:3] .'\n\n"
         "  elfctl sample --repo runs/tiny --num-samples 4 --trajectory 8 --out outputs/traj "
         "&& elfctl show outputs/traj"
-    )
+    ),
 )
 @handle_errors
 def sample(
@@ -79,13 +113,15 @@ def sample(
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Samples per forward."),
     length: int = typer.Option(None, "--length", min=1, help="Sequence length in tokens."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same device: same text)."),
-    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer hub id or local folder."),
+    tokenizer: str = TOKENIZER_OPTION,
+    encoder: str = ENCODER_OPTION,
     out_dir: Path = typer.Option(None, "--out", help="Output directory (default outputs/...)."),
-    force: bool = typer.Option(
-        False, "--force", help="Overwrite an existing sample run (or start an unfinished one over)."
+    force: bool = flag(
+        "--force",
+        help="Overwrite an existing sample run, its metrics.jsonl included (or start an "
+        "unfinished one over).",
     ),
-    resume: bool = typer.Option(
-        False,
+    resume: bool = flag(
         "--resume",
         help=(
             "Continue the unfinished run in --out from its last finished batch (also done "
@@ -101,15 +137,10 @@ def sample(
             "--batch-size)."
         ),
     ),
-    precision: str = typer.Option(
-        "auto",
-        "--precision",
-        help="auto (on a GPU the config's train.gpu_precision, bf16 in the official presets; "
-        "fp32 on the CPU), bf16 or fp32.",
-    ),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
-    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even if a GPU is present."),
-    json_out: bool = typer.Option(False, "--json", help="Print run.json on stdout."),
+    precision: Precision = "auto",
+    compile: Compile = False,
+    cpu: Cpu = False,
+    json_out: bool = json_flag("run.json"),
     input: str = typer.Option(
         None,
         "--input",
@@ -146,185 +177,66 @@ def sample(
         help="Record the text x_hat decodes to at K evenly spaced steps (see elfctl show).",
     ),
 ) -> None:
-    """Sample texts from an ELF checkpoint (defaults: the preset's official settings).
-
-    --prompt / --prompts fix a prefix and --infill fixes the tokens around [gap:N] gaps, for
-    unconditional and conditional models alike; known tokens come back unchanged and each
-    row records its prompt or template in `meta`. Without --num-samples, one prompt or
-    template gets the setting's number of samples and several get one sample each.
-
-    With --input, the model is conditioned on each source in turn (a conditional model:
-    its own run config or a conditional --preset); rows carry `condition` and, where the
-    input has one, `reference`, ready for score-bleu / score-rouge.
-    """
-    import dataclasses
-
-    from elfctl.config import sampling_setting
+    """Sample texts from an ELF checkpoint (help text: SAMPLE_HELP)."""
     from elfctl.distributed import processes
-    from elfctl.runs import SampleJob, load_for_sampling
-    from elfctl.sampling import GRIDS, check_sampler, check_schedule
+    from elfctl.runs import SampleRequest, check_request, prepare_sample
+    from elfctl.sampling import GRIDS, SAMPLER_NAMES, check_schedule
 
-    check_sampler(sampler), check_schedule(time_schedule)
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
-    if grid not in GRIDS:
-        raise UserError(f"--grid must be per-sample or per-batch, got '{grid}'.")
-    if resume and force:
-        raise UserError("--resume continues a run and --force starts it over: pass one of them.")
-    if input is not None and length is not None:
-        raise UserError(
-            "--length does not apply with --input: conditional samples use the model's "
-            "data.max_length."
-        )
-    known = prompting_fields(prompt, prompts_file, infill, hold, known_encoding)
-    out_dir = out_dir or Path("outputs") / time.strftime("sample-%Y%m%d-%H%M%S")
-    _check_out_dir(out_dir, force)
-    if input is not None:
-        from elfctl.data import check_input_exists
-
-        check_input_exists(input)  # before the model, tokenizer and encoder load
-
-    procs = processes(cpu)
-    quiet_unless_main(procs)
-    loaded = load_for_sampling(
-        repo,
-        preset,
-        tokenizer,
-        procs.device,
-        with_encoder=input is not None,
-        for_prompting=bool(known),
-    )
-    base = sampling_setting(loaded.config, setting)
-    chosen = dataclasses.replace(
-        base,
-        **{
-            k: v
-            for k, v in dict(
-                steps=steps,
-                method=sampler,
-                gamma=gamma,
-                sc_cfg=sc_cfg,
-                cfg=cfg,
-                time_schedule=time_schedule,
-            ).items()
-            if v is not None
-        },
-    )
-    if input is not None:
-        _sample_from_sources(
-            loaded,
-            chosen,
-            out_dir,
-            repo=repo,
-            input=input,
-            source_field=source_field or loaded.config.data.source_field,
-            reference_field=reference_field or loaded.config.data.target_field,
-            split=split,
-            num_samples=num_samples,
-            batch_size=batch_size,
-            seed=seed,
-            precision=precision,
-            compile=compile,
-            json_out=json_out,
-            grid=grid,
-            run_options=(procs, "never" if force else "must" if resume else "auto"),
-            extra=dict(known, trajectory=trajectory),
-        )
-        return
-    given = known.get("prompts") or known.get("templates") or []
-    n = num_samples or (len(given) if len(given) > 1 else chosen.num_samples)
-    job = SampleJob(
-        setting=chosen,
-        num_samples=n,
-        length=length or chosen.length or loaded.config.data.max_length,
+    check_choice("--sampler", sampler, SAMPLER_NAMES), check_schedule(time_schedule)
+    check_precision(precision)
+    check_choice("--grid", grid, GRIDS)
+    request = SampleRequest(
+        source=repo,
+        out_dir=out_dir or Path("outputs") / time.strftime("sample-%Y%m%d-%H%M%S"),
+        preset=preset,
+        setting=setting,
+        overrides=dict(
+            steps=steps,
+            method=sampler,
+            gamma=gamma,
+            sc_cfg=sc_cfg,
+            cfg=cfg,
+            time_schedule=time_schedule,
+        ),
+        num_samples=num_samples,
+        batch_size=batch_size,
+        length=length,
         seed=seed,
-        batch_size=min(batch_size or chosen.batch_size, n),
+        tokenizer=tokenizer,
+        encoder=encoder,
         precision=precision,
         compile=compile,
         grid=grid,
         trajectory=trajectory,
-        **known,
+        force=force,
+        resume=resume,
+        prompting=prompting_fields(prompt, prompts_file, infill, hold, known_encoding),
+        input=input,
+        source_field=source_field,
+        reference_field=reference_field,
+        split=split,
     )
-    what = f"{n} x {job.length} tokens from {repo}"
-    _run(
-        job,
-        loaded,
-        out_dir,
-        what,
-        json_out,
-        procs,
-        "never" if force else "must" if resume else "auto",
-    )
+    check_request(request)  # before the model, tokenizer and encoder load
+    procs = processes(cpu)
+    quiet_unless_main(procs)
+    prepared = prepare_sample(request, procs.device)
+    for warning in prepared.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    _run(prepared, request, json_out, procs)
 
 
-def _sample_from_sources(
-    loaded,
-    chosen,
-    out_dir: Path,
-    *,
-    repo: str,
-    input: str,
-    source_field: str,
-    reference_field: str,
-    split: str | None,
-    num_samples: int | None,
-    batch_size: int | None,
-    seed: int,
-    precision: str,
-    compile: bool,
-    json_out: bool,
-    grid: str,
-    run_options: tuple,
-    extra: dict,
-) -> None:
-    from elfctl.data import read_input_rows
-    from elfctl.runs import SampleJob
-    from elfctl.sampling import count_truncated
-
-    data = loaded.config.data
-    if split is None and input == data.validation:
-        split = data.validation_split  # the preset's own evaluation set
-    rows = read_input_rows(input, source_field, reference_field, split, num_samples)
-    sources, references = rows.texts, rows.references
-    n = len(sources)
-    job = SampleJob(
-        setting=chosen,
-        num_samples=n,
-        length=data.max_length,
-        seed=seed,
-        batch_size=min(batch_size or chosen.batch_size, n),
-        precision=precision,
-        compile=compile,
-        grid=grid,
-        conditions=sources,
-        references=references if any(r is not None for r in references) else None,
-        condition_ids=rows.token_ids,
-        meta={"input": input, "source_field": source_field, "reference_field": reference_field},
-        **extra,
-    )
-    cut = count_truncated(loaded.tokenizer, sources, data.max_input_length, rows.token_ids)
-    if cut:
-        console.print(
-            f"[yellow]warning:[/] {cut} of {n} sources are longer than max_input_length "
-            f"({data.max_input_length} tokens) and are truncated to it",
-            highlight=False,
-        )
-    what = (
-        f"{n} outputs of up to {data.max_length - data.max_input_length} tokens "
-        f"conditioned on {input} from {repo}"
-    )
-    _run(job, loaded, out_dir, what, json_out, *run_options)
-
-
-def _run(job, loaded, out_dir: Path, what: str, json_out: bool, procs, resume: str) -> None:
+def _run(prepared, request, json_out: bool, procs) -> None:
     """Say what is sampled and how, sample with a progress bar, summarise."""
-    plan = job.plan(loaded, out_dir, resume)  # checks an unfinished run before any output
+    from elfctl.runs import run_sample
+
+    job, loaded, out_dir = prepared.job, prepared.loaded, request.out_dir
+    plan = job.plan(loaded, out_dir, request.resume_mode)  # checks an unfinished run first
     s = job.setting
     gamma = f", gamma {s.gamma}" if s.method == "sde" else ""
     where = f"{procs.world} processes on {procs.device.type}" if procs.world > 1 else procs.device
     console.print(
-        f"sampling {what} ({s.method.upper()}, {s.steps} steps{gamma}, SC-CFG {s.sc_cfg}, "
-        f"CFG {s.cfg}, {s.time_schedule} grid {job.grid}) on {where}, "
+        f"sampling {prepared.what} ({s.method.upper()}, {s.steps} steps{gamma}, SC-CFG "
+        f"{s.sc_cfg}, CFG {s.cfg}, {s.time_schedule} grid {job.grid}) on {where}, "
         f"precision {job.precision_for(loaded).describe()}",
         highlight=False,
     )
@@ -335,7 +247,7 @@ def _run(job, loaded, out_dir: Path, what: str, json_out: bool, procs, resume: s
             highlight=False,
         )
     with progress("sampling", plan.pending_samples, "samples") as advance:
-        info = job.run(loaded, out_dir, on_batch=advance, procs=procs, plan=plan, resume=resume)
+        info = run_sample(prepared, request, plan, procs, on_batch=advance)
     if procs.is_main:
         _summarise(out_dir, info, json_out)
 
@@ -367,13 +279,6 @@ def prompting_fields(
         "hold": hold,
         "known_encoding": known_encoding,
     }
-
-
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    if (out_dir / "samples.jsonl").exists() and not force:
-        raise UserError(f"{out_dir} already holds samples.jsonl; pass --force or another --out.")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a directory.")
 
 
 def _summarise(out_dir: Path, info: dict, json_out: bool) -> None:

@@ -8,7 +8,6 @@ beside it; `--json` puts the same records on stdout.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 from pathlib import Path
@@ -17,15 +16,15 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from elfctl import records
-from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.app import app, console, handle_errors, log, out
+from elfctl.cli.options import Cpu, check_choice, flag, json_flag
 from elfctl.errors import UserError
 
 FILES_HELP = (
     "Samples files (JSONL), sample run directories (their samples.jsonl) or glob patterns "
     "such as 'outputs/*/samples.jsonl' (quote them to let elfctl expand them)."
 )
-JSON_HELP = "Print the metrics records as JSON on stdout (the table goes to stderr)."
+JSON_OPTION = json_flag("the metrics records")
 
 PPL_HELP = (
     "Generative perplexity and unigram entropy under a GPT-2 scorer (docs/method.md section 6)."
@@ -47,62 +46,6 @@ ROUGE_HELP = (
     "per-example F-measure x 100, averaged).\n\nA record is appended to the metrics.jsonl "
     "beside each input; rows without a reference are an error."
 )
-
-# A glob stands for the sample files it matches, not for our own side files.
-_SIDE_FILES = {records.METRICS_FILE, records.RUN_FILE}
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def resolve_inputs(patterns: list[str]) -> list[Path]:
-    """The samples files named by `patterns` (files, run dirs, globs), in order, no repeats."""
-    paths: list[Path] = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
-            matches = [
-                records.samples_path(m)
-                for m in matches
-                if (m.is_file() and m.name not in _SIDE_FILES)
-                or (m.is_dir() and (m / records.SAMPLES_FILE).is_file())
-            ]
-            if not matches:
-                raise UserError(f"no samples file matches '{pattern}'.")
-            paths.extend(matches)
-            continue
-        path = Path(pattern)
-        if path.is_dir():
-            if not (path / records.SAMPLES_FILE).is_file():
-                raise UserError(f"{path} is a directory without a {records.SAMPLES_FILE}.")
-            path = path / records.SAMPLES_FILE
-        elif not path.is_file():
-            raise UserError(f"{path}: no such file or directory.")
-        paths.append(path)
-    unique: dict[Path, Path] = {}
-    for path in paths:
-        unique.setdefault(path.resolve(), path)
-    return list(unique.values())
-
-
-def read_inputs(
-    patterns: list[str], need_reference: bool = False
-) -> list[tuple[Path, list[dict[str, Any]]]]:
-    """Every input's rows, all checked up front (malformed rows, missing references)."""
-    inputs = []
-    for path in resolve_inputs(patterns):
-        rows_with_lines = records.read_samples_with_lines(path)
-        if not rows_with_lines:
-            raise UserError(f"{path} holds no samples.")
-        if need_reference:
-            for line, row in rows_with_lines:
-                if row["reference"] is None:
-                    raise UserError(
-                        f'{path}, line {line}: the row has no "reference" to score against.'
-                    )
-        inputs.append((path, [row for _, row in rows_with_lines]))
-    return inputs
-
 
 # ----------------------------------------------------------------------------- output
 
@@ -143,89 +86,20 @@ def report(records_: list[dict[str, Any]], title: str, columns: list[tuple[str, 
         out.print(table)
 
 
-def _progress_for(description: str, total: int):
+def progress_for(description: str, total: int, unit: str):
+    """The progress bar the library's scorers report to (cli/progress.py)."""
     from elfctl.cli.progress import progress
 
-    return progress(description, total=total, unit="samples")
+    return progress(description, total, unit)
+
+
+def read_inputs(patterns: list[str], need_reference: bool = False):
+    from elfctl.scoring import read_inputs as read
+
+    return read(patterns, need_reference)
 
 
 # ----------------------------------------------------------------------------- score-ppl
-
-
-def score_ppl_files(
-    inputs: list[tuple[Path, list[dict[str, Any]]]],
-    model_name: str,
-    *,
-    batch_size: int,
-    max_length: int,
-    cpu: bool = False,
-    combined: bool = False,
-    write: bool = True,
-    eos_mode: str = "ours",
-) -> list[dict[str, Any]]:
-    """Score each input with Gen PPL + entropy; append a record beside each (if `write`).
-
-    Returns the records (plus one for all files together if `combined`).
-    """
-    from elfctl.cli.app import quiet_unless_main
-    from elfctl.distributed import processes
-    from elfctl.scoring import metrics as scoring
-
-    procs = processes(cpu)  # under accelerate launch, each process scores a share
-    quiet_unless_main(procs)
-    device = procs.device
-    dtype = "bf16-autocast" if device.type == "cuda" else "fp32"
-    console.print(f"loading scorer {model_name} on {device} ({dtype})", highlight=False)
-    model, tokenizer = scoring.load_scorer(model_name, device)
-    settings = {"max_length": max_length, "batch_size": batch_size, "device": str(device)}
-    settings["dtype"] = dtype
-    settings["eos_mode"] = eos_mode
-    settings["processes"] = procs.world
-
-    results, out_records = [], []
-    for path, rows in inputs:
-        texts = [row["text"] for row in rows]
-        with _progress_for(f"Gen PPL {path}", len(texts)) as advance:
-            done = 0
-
-            def on_batch(n_done: int, n_total: int) -> None:
-                nonlocal done
-                advance(n_done - done)
-                done = n_done
-
-            result = scoring.score_ppl(
-                texts,
-                model,
-                tokenizer,
-                batch_size=batch_size,
-                max_length=max_length,
-                eos_mode=eos_mode,
-                on_batch=on_batch,
-                procs=procs,
-            )
-            if done < len(texts):  # empty samples are counted, not batched
-                advance(len(texts) - done)
-        results.append(result)
-        record = records.metrics_record(
-            path.resolve(), "gen_ppl", result.to_dict(), scorer=model_name, n=len(rows), **settings
-        )
-        if write and procs.is_main:
-            records.append_metrics(path.parent, record)
-        out_records.append(record)
-
-    if combined:
-        total = scoring.combine_ppl(results)
-        record = records.metrics_record(
-            "combined",
-            "gen_ppl",
-            total.to_dict(),
-            scorer=model_name,
-            n=sum(len(rows) for _, rows in inputs),
-            files=[str(path.resolve()) for path, _ in inputs],
-            **settings,
-        )
-        out_records.append(record)
-    return out_records
 
 
 @app.command(
@@ -242,17 +116,18 @@ def score_ppl_files(
 def score_ppl_command(
     files: list[str] = typer.Argument(..., help=FILES_HELP, show_default=False),
     model: str = typer.Option(
-        "gpt2-large", "--model", help="Scorer: a causal LM hub id or local folder."
+        None,
+        "--model",
+        help="Scorer: a causal LM hub id, local folder or testbed:grammar/scorer (default: "
+        "the test bed's scorer for samples of a test-bed model, else gpt2-large).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples per forward pass."),
     max_length: int = typer.Option(
         1024, "--max-length", min=2, help="Truncate each sample to this many GPT-2 tokens."
     ),
-    combined: bool = typer.Option(
-        False, "--combined", help="Also score all files together (one corpus)."
-    ),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    cpu: bool = typer.Option(False, "--cpu", help="Score on the CPU even if a GPU is present."),
+    combined: bool = flag("--combined", help="Also score all files together (one corpus)."),
+    json_out: bool = JSON_OPTION,
+    cpu: Cpu = False,
     eos_mode: str = typer.Option(
         "ours",
         "--eos-mode",
@@ -261,22 +136,31 @@ def score_ppl_command(
     ),
 ) -> None:
     """Gen PPL + entropy of each file (help text: PPL_HELP)."""
-    if eos_mode not in ("ours", "official"):
-        raise UserError(f"--eos-mode must be ours or official, got '{eos_mode}'.")
+    from elfctl.cli.app import quiet_unless_main
+    from elfctl.distributed import processes
+    from elfctl.scoring import check_scorer, default_scorer_for, score_ppl_files
+
+    check_choice("--eos-mode", eos_mode, ("ours", "official"))
     inputs = read_inputs(files)
+    model = model or default_scorer_for(inputs)
+    check_scorer(model, "--model")
     if combined and eos_mode == "official" and len(inputs) > 1:
         raise UserError(
             "--combined needs --eos-mode ours: the official mode's extra eos depends on the "
             "longest sample of each scored corpus, so files cannot simply be added up."
         )
+    procs = processes(cpu)  # under accelerate launch, each process scores a share
+    quiet_unless_main(procs)
     result_records = score_ppl_files(
         inputs,
         model,
         batch_size=batch_size,
         max_length=max_length,
-        cpu=cpu,
+        procs=procs,
         combined=combined,
         eos_mode=eos_mode,
+        progress=progress_for,
+        log=log,
     )
     columns = [
         ("empty", "n_empty"),
@@ -285,63 +169,11 @@ def score_ppl_command(
         ("entropy", "entropy"),
         ("samples/s", "samples_per_s"),
     ]
-    from elfctl.distributed import processes
-
-    if processes(cpu).is_main:  # under accelerate launch every process has the result
+    if procs.is_main:  # under accelerate launch every process has the result
         report(result_records, f"Gen PPL ({model})", columns, json_out)
 
 
 # ----------------------------------------------------------------------------- BLEU / ROUGE
-
-
-def score_bleu_files(
-    inputs: list[tuple[Path, list[dict[str, Any]]]], write: bool = True
-) -> list[dict[str, Any]]:
-    from elfctl.scoring import metrics as scoring
-
-    out_records = []
-    for path, rows in inputs:
-        result = scoring.score_bleu([r["text"] for r in rows], [r["reference"] for r in rows])
-        values = result.to_dict()
-        signature = values.pop("signature")
-        record = records.metrics_record(
-            path.resolve(), "bleu", values, scorer=f"sacrebleu {signature}", n=len(rows)
-        )
-        if write:
-            records.append_metrics(path.parent, record)
-        out_records.append(record)
-    return out_records
-
-
-def score_rouge_files(
-    inputs: list[tuple[Path, list[dict[str, Any]]]], write: bool = True
-) -> list[dict[str, Any]]:
-    from elfctl.scoring import metrics as scoring
-
-    out_records = []
-    for path, rows in inputs:
-        with _progress_for(f"ROUGE {path}", len(rows)) as advance:
-            done = 0
-
-            def on_batch(n_done: int, n_total: int) -> None:
-                nonlocal done
-                advance(n_done - done)
-                done = n_done
-
-            result = scoring.score_rouge(
-                [r["text"] for r in rows], [r["reference"] for r in rows], on_batch=on_batch
-            )
-        record = records.metrics_record(
-            path.resolve(),
-            "rouge",
-            result.to_dict(),
-            scorer="rouge_score (rouge1, rouge2, rougeL; stemmer; F-measure x 100)",
-            n=len(rows),
-        )
-        if write:
-            records.append_metrics(path.parent, record)
-        out_records.append(record)
-    return out_records
 
 
 @app.command(
@@ -356,9 +188,11 @@ def score_rouge_files(
 @handle_errors
 def score_bleu_command(
     files: list[str] = typer.Argument(..., help=FILES_HELP, show_default=False),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """BLEU of each file (help text: BLEU_HELP)."""
+    from elfctl.scoring import score_bleu_files
+
     inputs = read_inputs(files, need_reference=True)
     columns = [
         ("BLEU", "bleu"),
@@ -381,9 +215,12 @@ def score_bleu_command(
 @handle_errors
 def score_rouge_command(
     files: list[str] = typer.Argument(..., help=FILES_HELP, show_default=False),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """ROUGE of each file (help text: ROUGE_HELP)."""
+    from elfctl.scoring import score_rouge_files
+
     inputs = read_inputs(files, need_reference=True)
     columns = [("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"), ("ROUGE-L", "rougeL")]
-    report(score_rouge_files(inputs), "ROUGE (rouge_score)", columns, json_out)
+    records = score_rouge_files(inputs, progress=progress_for)
+    report(records, "ROUGE (rouge_score)", columns, json_out)

@@ -1,21 +1,18 @@
 """`elfctl score-diversity` and `elfctl score-mauve`: degeneration and distribution metrics.
 
 They read inputs, show tables, print `--json` and append to metrics.jsonl exactly as the
-other scorers (cli/score.py) do; the maths lives in elfctl/diversity.py and
-elfctl/mauve_score.py. `score_diversity_files` / `score_mauve_files` are also what
-`eval --metrics` and `sweep` call, so their numbers are these commands' numbers.
+other scorers (cli/score.py) do; the work is `elfctl.scoring`'s `score_diversity_files` /
+`score_mauve_files`, which `eval --metrics` and `sweep` call too, so their numbers are
+these commands' numbers.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import typer
 
-from elfctl import records
-from elfctl.cli.app import app, console, handle_errors
-from elfctl.cli.score import FILES_HELP, JSON_HELP, _progress_for, read_inputs, report
+from elfctl.cli.app import app, handle_errors, log
+from elfctl.cli.options import Cpu, md
+from elfctl.cli.score import FILES_HELP, JSON_OPTION, progress_for, read_inputs, report
 
 DIVERSITY_HELP = (
     "Degeneration and diversity of each file: distinct-n (1-4, over the file), rep-n (1-4, "
@@ -26,9 +23,9 @@ DIVERSITY_HELP = (
     "samples are skipped and counted. A record is appended to the metrics.jsonl beside each "
     "input."
 )
-MAUVE_HELP = (
+MAUVE_HELP = md(
     "MAUVE of each file against human references (the mauve-text package; "
-    "pip install 'elfctl\\[mauve]').\n\nFeatures are the last hidden state at each text's last "
+    "pip install 'elfctl[mauve]').\n\nFeatures are the last hidden state at each text's last "
     "token under --model (GPT-2 Large by default, any local folder), truncated at "
     "--max-length tokens; references are featurized once for all files. Each side needs at "
     "least 10 non-empty texts. A record is appended to the metrics.jsonl beside each input."
@@ -69,45 +66,6 @@ MAUVE_COLUMNS = [
 # ----------------------------------------------------------------------------- score-diversity
 
 
-def score_diversity_files(
-    inputs: list[tuple[Path, list[dict[str, Any]]]],
-    tokenizer_name: str,
-    *,
-    max_length: int,
-    self_bleu_samples: int,
-    seed: int,
-    write: bool = True,
-) -> list[dict[str, Any]]:
-    """Score each input with every diversity metric; append a record beside each (if `write`)."""
-    from elfctl.scoring import diversity
-
-    tokenizer = diversity.load_tokenizer(tokenizer_name)
-    units = "words" if tokenizer is None else f"{tokenizer_name} tokens"
-    out_records = []
-    for path, rows in inputs:
-        result = diversity.score_diversity(
-            [row["text"] for row in rows],
-            tokenizer,
-            max_length=max_length,
-            self_bleu_samples=self_bleu_samples,
-            seed=seed,
-        )
-        record = records.metrics_record(
-            path.resolve(),
-            "diversity",
-            result.to_dict(),
-            scorer=units,
-            n=len(rows),
-            max_length=max_length,
-            self_bleu="sacrebleu sentence BLEU (13a, exp smoothing, effective order)",
-            self_bleu_seed=seed,
-        )
-        if write:
-            records.append_metrics(path.parent, record)
-        out_records.append(record)
-    return out_records
-
-
 @app.command(
     "score-diversity",
     help=DIVERSITY_HELP,
@@ -133,9 +91,11 @@ def score_diversity_command(
         1000, "--self-bleu-samples", min=2, help="Size of the seeded self-BLEU subsample."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the self-BLEU subsample."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Diversity metrics of each file (help text: DIVERSITY_HELP)."""
+    from elfctl.scoring import score_diversity_files
+
     inputs = read_inputs(files)
     result_records = score_diversity_files(
         inputs,
@@ -151,87 +111,11 @@ def score_diversity_command(
 # ----------------------------------------------------------------------------- score-mauve
 
 
-def score_mauve_files(
-    inputs: list[tuple[Path, list[dict[str, Any]]]],
-    references: list[str],
-    model_name: str,
-    *,
-    references_name: str,
-    batch_size: int = 8,
-    max_length: int = 1024,
-    seed: int = 25,
-    scaling: float = 5.0,
-    cpu: bool = False,
-    write: bool = True,
-) -> list[dict[str, Any]]:
-    """MAUVE of each input against `references`; append a record beside each (if `write`).
-
-    Every count is checked before the feature model is loaded; the references are
-    featurized once.
-    """
-    from accelerate import PartialState
-
-    from elfctl.scoring import mauve as mauve_score
-
-    mauve_score.require_mauve()
-    n_references = sum(1 for text in references if text)
-    for path, rows in inputs:
-        mauve_score.check_counts(sum(1 for r in rows if r["text"]), n_references, str(path))
-
-    device = PartialState(cpu=cpu).device
-    console.print(f"loading MAUVE feature model {model_name} on {device}", highlight=False)
-    model, tokenizer = mauve_score.load_featurizer(model_name, device)
-
-    def features(description: str, texts: list[str]):
-        with _progress_for(description, len(texts)) as advance:
-            done = 0
-
-            def on_batch(n_done: int, n_total: int) -> None:
-                nonlocal done
-                advance(n_done - done)
-                done = n_done
-
-            return mauve_score.featurize(
-                texts,
-                model,
-                tokenizer,
-                batch_size=batch_size,
-                max_length=max_length,
-                on_batch=on_batch,
-            )
-
-    reference_features = features(f"features {references_name}", references)
-    settings = {
-        "references": references_name,
-        "max_length": max_length,
-        "batch_size": batch_size,
-        "seed": seed,
-        "scaling": scaling,
-        "device": str(device),
-    }
-    out_records = []
-    for path, rows in inputs:
-        texts = [row["text"] for row in rows]
-        sample_features = features(f"features {path}", texts)
-        result = mauve_score.mauve_from_features(
-            sample_features,
-            reference_features,
-            n_empty=len(texts) - len(sample_features),
-            seed=seed,
-            scaling=scaling,
-        )
-        record = records.metrics_record(
-            path.resolve(), "mauve", result.to_dict(), scorer=model_name, n=len(rows), **settings
-        )
-        if write:
-            records.append_metrics(path.parent, record)
-        out_records.append(record)
-    return out_records
-
-
 def load_references(source: str, field: str, split: str | None, limit: int) -> list[str]:
-    from elfctl.scoring import read_references
+    """MAUVE's human texts, read before any sampling or featurizing."""
+    from elfctl.scoring import read_references, require_mauve
 
+    require_mauve()
     return read_references(source, field, split, limit)
 
 
@@ -275,10 +159,14 @@ def score_mauve_command(
     scaling: float = typer.Option(
         5.0, "--scaling", min=0.0, help="MAUVE scaling factor c (mauve-text's default: 5)."
     ),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    cpu: bool = typer.Option(False, "--cpu", help="Featurize on the CPU even if a GPU is present."),
+    json_out: bool = JSON_OPTION,
+    cpu: Cpu = False,
 ) -> None:
     """MAUVE of each file (help text: MAUVE_HELP)."""
+    from accelerate import PartialState
+
+    from elfctl.scoring import score_mauve_files
+
     inputs = read_inputs(files)
     texts = load_references(references, reference_field, split, num_references)
     result_records = score_mauve_files(
@@ -290,6 +178,8 @@ def score_mauve_command(
         max_length=max_length,
         seed=seed,
         scaling=scaling,
-        cpu=cpu,
+        device=PartialState(cpu=cpu).device,
+        progress=progress_for,
+        log=log,
     )
     report(result_records, f"MAUVE ({model} features)", MAUVE_COLUMNS, json_out)

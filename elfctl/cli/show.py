@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from elfctl.cli.app import app, console, handle_errors
+from elfctl.cli.options import flag
 from elfctl.errors import UserError
 
 
@@ -32,7 +33,7 @@ def show(
         help="Draw the trajectory of --id to a .png or .gif, or a sweep's plot to a .png "
         "(needs elfctl[plot]).",
     ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+    force: bool = flag("--force", help="Overwrite an existing --out file."),
     limit: int = typer.Option(
         10, "--limit", min=1, help="Show at most this many samples without --id."
     ),

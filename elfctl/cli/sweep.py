@@ -9,7 +9,18 @@ from typing import Any
 
 import typer
 
-from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.app import app, console, handle_errors, log, out
+from elfctl.cli.options import (
+    Compile,
+    Cpu,
+    Precision,
+    check_choice,
+    check_precision,
+    flag,
+    json_flag,
+    md,
+    parse_int_list,
+)
 from elfctl.cli.score_distribution import (
     MAUVE_MODEL_OPTION,
     NUM_REFERENCES_OPTION,
@@ -18,13 +29,15 @@ from elfctl.cli.score_distribution import (
 )
 from elfctl.errors import UserError
 
-SWEEP_HELP = (
+SWEEP_HELP = md(
     "Sample and score one sampling setting at several step counts (and seeds): a table of "
     "Gen PPL, entropy and, with --references, MAUVE per step count (mean +- standard error "
-    "over --seeds), and a PNG of quality against steps (pip install 'elfctl\\[plot]')."
+    "over --seeds), and a PNG of quality against steps (pip install 'elfctl[plot]')."
     "\n\nEach (steps, seed) is an ordinary sample run dir under --out "
     "(steps-<N>/seed-<S>/), sampled as `elfctl sample` samples and scored as `score-ppl` / "
-    "`score-mauve` score; sweep.json holds the table and sweep.png the plot."
+    "`score-mauve` score; sweep.json holds the table and sweep.png the plot. The scorer "
+    "defaults to the model's eval.scorer: the test bed's own (testbed:grammar/scorer, "
+    "offline) for a test-bed model, gpt2-large for the official ones."
 )
 
 
@@ -76,7 +89,10 @@ def sweep_command(
     length: int = typer.Option(None, "--length", min=1, help="Sequence length in tokens."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="ELF tokenizer hub id or folder."),
     scorer: str = typer.Option(
-        "gpt2-large", "--scorer", help="Gen PPL model: a causal LM hub id or local folder."
+        None,
+        "--scorer",
+        help="Gen PPL model: a causal LM hub id, local folder or testbed:grammar/scorer "
+        "(default: the model's eval.scorer).",
     ),
     score_batch_size: int = typer.Option(
         8, "--score-batch-size", min=1, help="Samples per scorer forward."
@@ -85,35 +101,32 @@ def sweep_command(
     reference_field: str = REFERENCE_FIELD_OPTION,
     num_references: int = NUM_REFERENCES_OPTION,
     mauve_model: str = MAUVE_MODEL_OPTION,
-    paper: bool = typer.Option(
-        False, "--paper", help="Overlay the paper's ELF-B Gen PPL at 8/16/32/64 steps."
-    ),
+    paper: bool = flag("--paper", help="Overlay the paper's ELF-B Gen PPL at 8/16/32/64 steps."),
     out_dir: Path = typer.Option(None, "--out", help="Sweep dir (default outputs/sweep-<time>)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an earlier sweep in --out."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU), bf16 or fp32."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
-    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even if a GPU is present."),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print sweep.json on stdout (the table goes to stderr)."
-    ),
+    force: bool = flag("--force", help="Overwrite an earlier sweep in --out."),
+    precision: Precision = "auto",
+    compile: Compile = False,
+    cpu: Cpu = False,
+    json_out: bool = json_flag("sweep.json"),
 ) -> None:
     """Quality against sampling steps (help text: SWEEP_HELP)."""
-    import dataclasses
     import time
 
     from elfctl.cli.app import quiet_unless_main
     from elfctl.cli.progress import progress
-    from elfctl.config import sampling_setting
+    from elfctl.config import default_scorer, sampling_setting
     from elfctl.distributed import processes
-    from elfctl.runs import load_for_sampling, sweep
-    from elfctl.sampling import check_sampler, check_schedule
+    from elfctl.runs import apply_overrides, load_for_sampling, sweep
+    from elfctl.sampling import SAMPLER_NAMES, check_schedule
+    from elfctl.scoring import Scoring, check_scorer, make_scorer
 
-    check_sampler(sampler), check_schedule(time_schedule)
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"--precision must be auto, bf16 or fp32, got '{precision}'.")
-    axes = sweep.parse_axes(steps, forwards, samplers, sampler)
-    step_counts, budgets, sampler_list = axes
-    seed_list = parse_seeds(seeds)
+    check_choice("--sampler", sampler, SAMPLER_NAMES), check_schedule(time_schedule)
+    check_precision(precision)
+    step_counts, budgets, sampler_list = parse_axes(steps, forwards, samplers, sampler)
+    seed_list = parse_int_list(seeds, "--seeds", 0, "seed")
+    for name, option in ((scorer, "--scorer"), (mauve_model, "--mauve-model")):
+        if name is not None:
+            check_scorer(name, option)
     sweep.require_matplotlib()  # before hours of sampling, not after
     out_dir = out_dir or Path("outputs") / time.strftime("sweep-%Y%m%d-%H%M%S")
     cells = sweep.plan_cells(sampler or "sde", step_counts, sampler_list, budgets)
@@ -121,9 +134,7 @@ def sweep_command(
     reference_texts = None
     if references is not None:
         from elfctl.cli.score_distribution import load_references
-        from elfctl.scoring import require_mauve
 
-        require_mauve()  # before the sampling, not after
         reference_texts = load_references(references, reference_field, None, num_references)
 
     procs = processes(cpu)  # under accelerate launch, each process samples a share
@@ -139,11 +150,10 @@ def sweep_command(
     overrides = dict(
         method=sampler, gamma=gamma, sc_cfg=sc_cfg, cfg=cfg, time_schedule=time_schedule
     )
-    chosen = dataclasses.replace(
-        sampling_setting(loaded.config, setting),
-        **{k: v for k, v in overrides.items() if v is not None},
-    )
+    chosen = apply_overrides(sampling_setting(loaded.config, setting), overrides)
     n = num_samples or chosen.num_samples
+    scorer = scorer or default_scorer(loaded.config)
+    check_scorer(scorer)
     kinds = ["gen_ppl"] + (["mauve"] if reference_texts is not None else [])
     console.print(
         f"sweeping {repo}: {sweep.describe_cells(cells)} x seeds "
@@ -156,14 +166,17 @@ def sweep_command(
         steps=step_counts,
         seeds=seed_list,
         out_dir=out_dir,
-        score=_scorer(
-            scorer,
-            score_batch_size,
-            cpu,
-            reference_texts,
-            references,
-            mauve_model or scorer,
-            procs.is_main,
+        score=make_scorer(
+            Scoring(
+                scorer=scorer,
+                batch_size=score_batch_size,
+                procs=procs,
+                references=reference_texts,
+                references_name=references,
+                mauve_model=mauve_model,
+                progress=progress,
+                log=log,
+            )
         ),
         kinds=kinds,
         num_samples=n,
@@ -175,7 +188,7 @@ def sweep_command(
         paper=paper,
         info={"repo": repo, "scorer": scorer, "references": references},
         progress=progress,
-        log=lambda message: console.print(message, highlight=False),
+        log=log,
         procs=procs,
         samplers=sampler_list,
         budgets=budgets,
@@ -187,37 +200,25 @@ def sweep_command(
     console.print(f"wrote {out_dir / sweep.SWEEP_FILE} and {png}", highlight=False)
 
 
-def parse_seeds(text: str) -> list[int]:
-    from elfctl.runs import parse_int_list
+def parse_axes(
+    steps: str, forwards: str | None, samplers: str | None, sampler: str | None
+) -> tuple[list[int] | None, list[int] | None, list[str] | None]:
+    """(step counts or None, forward budgets or None, samplers or None): --forwards replaces
+    --steps; --samplers (names of the sampling registry) and --sampler exclude each other."""
+    from elfctl.sampling import SAMPLER_NAMES
 
-    return parse_int_list(text, "--seeds")
-
-
-def _scorer(model, batch_size, cpu, reference_texts, references_name, mauve_model, write):
-    """The score-ppl / score-mauve functions, so a sweep's numbers are theirs (Gen PPL is
-    shared by the processes; MAUVE runs on each and only the main one writes)."""
-    from elfctl.cli.score import score_ppl_files
-    from elfctl.cli.score_distribution import score_mauve_files
-    from elfctl.scoring import DEFAULT_MAX_LENGTH
-
-    def score(kind: str, inputs):
-        if kind == "gen_ppl":
-            return score_ppl_files(
-                inputs, model, batch_size=batch_size, max_length=DEFAULT_MAX_LENGTH, cpu=cpu
-            )
-        if kind == "mauve":
-            return score_mauve_files(
-                inputs,
-                reference_texts,
-                mauve_model,
-                references_name=references_name,
-                batch_size=batch_size,
-                cpu=cpu,
-                write=write,
-            )
-        raise ValueError(f"unknown scorer kind {kind!r}")
-
-    return score
+    if samplers is not None and sampler is not None:
+        raise UserError("--sampler sets one sampler and --samplers several: pass one of them.")
+    names = None
+    if samplers is not None:
+        names = [name.strip() for name in samplers.split(",")]
+        if len(set(names)) != len(names):
+            raise UserError(f"--samplers names a sampler twice: '{samplers}'.")
+        for name in names:
+            check_choice("--samplers", name, SAMPLER_NAMES)
+    if forwards is not None:
+        return None, parse_int_list(forwards, "--forwards", 1, "forward budget"), names
+    return parse_int_list(steps, "--steps", 1, "step count"), None, names
 
 
 def cell(entry: dict[str, Any] | None, digits: int = 2) -> str:

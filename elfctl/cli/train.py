@@ -9,21 +9,13 @@ from typing import Annotated
 import typer
 
 from elfctl.cli.app import app, console, handle_errors, out
+from elfctl.cli.options import MixedPrecision, flag_info, json_flag
+from elfctl.cli.options import TrainCpu as Cpu
 from elfctl.cli.progress import ChunkProgress, fit_with_progress
 from elfctl.config import Config, preset_names
 
 # Options shared by the training commands (train, distill).
-PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the config and exit.")]
-Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is present.")]
-MixedPrecision = Annotated[
-    str,
-    typer.Option(
-        "--mixed-precision",
-        help="no or bf16 (default: Accelerate's bf16/fp16 if it names one, else the config's "
-        "train.gpu_precision on a GPU, bf16 in the official presets; fp32 on the CPU).",
-    ),
-]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+PrintConfig = Annotated[bool, flag_info("--print-config", help="Print the config and exit.")]
 LogWith = Annotated[
     list[str],
     typer.Option(
@@ -64,6 +56,7 @@ def resolve_run_config(
     mixed_precision: str | None,
 ) -> Config:
     """A training command's config, after checking the flags train and distill share."""
+    from elfctl.cli.options import check_mixed_precision
     from elfctl.config import resolve
     from elfctl.errors import UserError
 
@@ -71,8 +64,7 @@ def resolve_run_config(
         raise UserError(
             f"Give --preset NAME or --config FILE (presets: {', '.join(preset_names())})."
         )
-    if mixed_precision not in (None, "no", "bf16", "fp16"):
-        raise UserError(f"--mixed-precision must be no or bf16, got '{mixed_precision}'.")
+    check_mixed_precision(mixed_precision)
     return resolve(preset, config_file, overrides, sets)
 
 
@@ -91,10 +83,30 @@ def print_prepared_rows(source: str, prepared) -> None:
     )
 
 
+def _done_line(result, rec: dict, run_dir: Path, start_step: int, l2: str = "l2") -> str:
+    """The closing line. A run with nothing left to train says so, and one that logged no
+    loss shows none (rather than a made-up 0.0000)."""
+    where = f"checkpoints in {run_dir}/checkpoints"
+    if result.step <= start_step:
+        return (
+            f"already finished: step {result.step}, nothing left to train (raise --max-steps "
+            f"to go on); {where}"
+        )
+    if not rec:
+        return f"done: step {result.step} in {result.seconds:.0f}s (no loss logged yet); {where}"
+    return (
+        f"done: step {result.step} in {result.seconds:.0f}s, loss {rec['loss']:.4f} "
+        f"({l2} {rec['l2']:.4f}, ce {rec['ce']:.4f}); {where}"
+    )
+
+
 def _train_help() -> str:
     return (
         "Train an ELF model from a preset or config file; re-running resumes the run.\n\n"
-        f"Presets: {', '.join(preset_names())}."
+        f"Presets: {', '.join(preset_names())}.\n\n"
+        "Several processes: `accelerate launch --multi_gpu --num_processes N -m elfctl train "
+        "...` (add --cpu for N CPU processes; without --multi_gpu, accelerate starts one "
+        "process on a machine without GPUs). The start-up line says how many processes run."
     )
 
 
@@ -104,7 +116,8 @@ def _train_help() -> str:
         "Examples:\n\n"
         "  elfctl train --preset tiny\n\n"
         "  elfctl train --preset owt-b --run-dir runs/owt-b --set train.micro_batch=64\n\n"
-        "  accelerate launch --num_processes 2 -m elfctl train --preset tiny --cpu\n\n"
+        "  accelerate launch --multi_gpu --num_processes 2 -m elfctl train --preset tiny "
+        "--cpu\n\n"
         "  elfctl train --preset xsum-b --print-config\n\n"
         "  elfctl train --preset owt-b --init embedded-language-flows/ELF-B-owt-torch "
         "--set data.train=./my_corpus/ --run-dir runs/my-finetune\n\n"
@@ -136,21 +149,26 @@ def train(
     print_config: PrintConfig = False,
     cpu: Cpu = False,
     mixed_precision: MixedPrecision = None,
-    json_out: JsonOut = False,
+    json_out: bool = json_flag("a summary", table=False),
 ) -> None:
     from elfctl.config import dump_yaml
+    from elfctl.errors import UserError
     from elfctl.training import parse_log_with
 
     if init_weights not in (None, "ema", "raw"):
-        from elfctl.errors import UserError
-
         raise UserError(f"--init-weights must be ema or raw, got '{init_weights}'.")
+
     overrides = {
         "train.max_steps": max_steps,
         "train.init": init,
         "train.init_weights": init_weights,
     }
     cfg = resolve_run_config(preset, config_file, overrides, sets, mixed_precision)
+    if init_weights is not None and cfg.train.init is None:
+        raise UserError(
+            "--init-weights chooses which weights of --init to use, but nothing is to be "
+            "fine-tuned from; add --init SOURCE."
+        )
     if print_config:
         out.print(dump_yaml(cfg), highlight=False, soft_wrap=True)
         return
@@ -162,8 +180,9 @@ def train(
     precision = training_precision(cpu, mixed_precision, cfg.train.gpu_precision)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=precision.mode)
     run_dir = run_dir or Path("runs") / cfg.name
-    trainer = Trainer(cfg, run_dir, accelerator, resume, data_progress=ChunkProgress())
-    trainer.log_with = trackers
+    trainer = Trainer(
+        cfg, run_dir, accelerator, resume, data_progress=ChunkProgress(), log_with=trackers
+    )
     main = accelerator.is_main_process
     if main:
         print_prepared_rows(cfg.data.train, trainer.prepared)
@@ -177,15 +196,11 @@ def train(
             f"{precision.describe()}",
             highlight=False,
         )
+    start_step = trainer.step
     result = fit_with_progress(trainer) if main else trainer.fit()
     if main:
         rec = result.last_record or {}
-        console.print(
-            f"done: step {result.step} in {result.seconds:.0f}s, loss {rec.get('loss', 0):.4f} "
-            f"(l2 {rec.get('l2', 0):.4f}, ce {rec.get('ce', 0):.4f}); "
-            f"checkpoints in {run_dir}/checkpoints",
-            highlight=False,
-        )
+        console.print(_done_line(result, rec, run_dir, start_step), highlight=False)
         if json_out:
             out.print_json(
                 json.dumps(

@@ -1,7 +1,10 @@
 """Streamed training rows (`data.streaming: true`) that resume exactly after a kill.
 
 For hub datasets too big to download: `load_dataset(source, split=..., streaming=True)`,
-split across processes with `datasets.distributed.split_dataset_by_node`, read in the
+which also streams a local folder of data files. A local .txt / .jsonl file or a glob of
+them streams through datasets' own `json` / `text` readers, file by file in name order,
+without tokenizing everything first. A `save_to_disk` folder cannot be streamed. Split
+across processes with `datasets.distributed.split_dataset_by_node`, read in the
 source's order (no shuffle buffer: `datasets` cannot restore a buffer's content, so a
 resumed run would skip examples). Each process keeps its own position: the stream's
 `state_dict()` after the last example it consumed, plus the tokens a packed row has
@@ -25,9 +28,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
 from elfctl.config import DataConfig
-from elfctl.data.pipeline import Packer, check_data_settings
+from elfctl.data.pipeline import Packer, check_data_settings, is_glob, text_files
 from elfctl.errors import UserError
 
 PROBE_OFFSETS = (3, 300)  # positions saved, restored in a fresh stream, and compared
@@ -39,6 +43,11 @@ def open_stream(source: str, cfg: DataConfig, split: str, rank: int = 0, world_s
     from datasets import load_dataset
     from datasets.distributed import split_dataset_by_node
 
+    if is_local_text(source):
+        stream = _local_text_stream(source, cfg)
+        if world_size > 1:
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        return stream
     try:
         stream = load_dataset(source, split=split, streaming=True)
     except ValueError as e:
@@ -49,6 +58,38 @@ def open_stream(source: str, cfg: DataConfig, split: str, rank: int = 0, world_s
         raise UserError(f"Could not stream dataset '{source}' from the hub: {e}") from None
     if world_size > 1:
         stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    return stream
+
+
+def is_local_text(source: str) -> bool:
+    """A glob or a local file: what `load_dataset(source)` would take for a hub id. (A local
+    folder of data files is streamed by `load_dataset(folder)` itself.)"""
+    return is_glob(source) or Path(source).expanduser().is_file()
+
+
+def _local_text_stream(source: str, cfg: DataConfig):
+    """Local .txt / .jsonl files streamed by datasets' readers: a .jsonl row per line; a
+    .txt example per non-empty line (text_mode line) or per file (text_mode file)."""
+    from datasets import load_dataset
+
+    files = text_files(source)
+    suffixes = sorted({f.suffix for f in files})
+    if len(suffixes) > 1:
+        raise UserError(
+            f"{source} mixes {' and '.join(suffixes)} files; a stream reads one kind, so name "
+            "one of them."
+        )
+    data_files = [str(f) for f in files]
+    if suffixes[0] == ".jsonl":
+        return load_dataset("json", data_files=data_files, split="train", streaming=True)
+    by = "document" if cfg.text_mode == "file" else "line"
+    stream = load_dataset(
+        "text", data_files=data_files, split="train", streaming=True, sample_by=by
+    )
+    field = cfg.text_field
+    stream = stream.filter(lambda example: bool(example["text"].strip()))
+    if field != "text":
+        stream = stream.rename_column("text", field)
     return stream
 
 

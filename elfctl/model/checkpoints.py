@@ -271,7 +271,8 @@ def load_model(
     """The network from `source` with its EMA weights, in eval mode, on `device`.
 
     `config` (a full Config or a ModelConfig) fixes the architecture; without it
-    the sizes are read off the tensors' shapes.
+    the sizes are read off the tensors' shapes. `model.config` is the full Config that
+    describes the checkpoint (`checkpoint_config`), `model.cfg` its network's sizes.
     """
     ckpt = load_checkpoint(source)
     model_config = ckpt.model_config
@@ -280,6 +281,10 @@ def load_model(
     elif isinstance(config, ModelConfig):
         model_config = config
     model = build_model(ckpt.state_dict, model_config, source)
+    # What describes it (tokenizer, encoder, latent statistics, sampling settings), as
+    # `elfctl sample` reads it: the README points Python users at `model.config`.
+    model.config = config if isinstance(config, Config) else checkpoint_config(ckpt, None)
+    model.config.model = model_config
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -13,6 +13,15 @@ from elfctl.runs.evaluate import (
     select_settings,
 )
 from elfctl.runs.sample_job import UNFINISHED_DIR, LoadedModel, SampleJob, load_for_sampling
+from elfctl.runs.sample_request import (
+    PreparedSample,
+    SampleRequest,
+    apply_overrides,
+    check_request,
+    default_num_samples,
+    prepare_sample,
+    run_sample,
+)
 from elfctl.runs.show import (
     PLOT_SUFFIXES,
     Trajectory,
@@ -22,26 +31,32 @@ from elfctl.runs.show import (
     trajectory_of,
 )
 from elfctl.runs.stats import mean_stderr
-from elfctl.runs.sweep import parse_int_list, run_sweep
+from elfctl.runs.sweep import run_sweep
 
 __all__ = [
     "EvalRequest",
     "LoadedModel",
     "METRICS",
     "PLOT_SUFFIXES",
+    "PreparedSample",
     "SampleJob",
+    "SampleRequest",
     "Trajectory",
     "UNFINISHED_DIR",
+    "apply_overrides",
     "check_eval_out_dir",
+    "check_request",
+    "default_num_samples",
     "draw_trajectory",
     "load_for_eval",
     "load_for_sampling",
     "load_rows",
     "mean_stderr",
-    "parse_int_list",
     "parse_metrics",
     "pick",
+    "prepare_sample",
     "run_eval",
+    "run_sample",
     "run_sweep",
     "scorers_for",
     "select_settings",

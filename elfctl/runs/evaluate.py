@@ -24,12 +24,9 @@ are exactly theirs. This module never prints; progress and messages go through h
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +38,7 @@ from elfctl.distributed import Processes
 from elfctl.errors import UserError
 from elfctl.runs.sample_job import LoadedModel, SampleJob, load_for_sampling
 from elfctl.runs.stats import mean_stderr
+from elfctl.scoring import LogFn, ProgressFn, ScoreFn, no_progress
 from elfctl.version import __version__
 
 if TYPE_CHECKING:
@@ -49,11 +47,6 @@ if TYPE_CHECKING:
 
 EVAL_FILE = "eval.json"
 
-# (kind of scoring run, its samples) -> the metrics records, one per samples file.
-ScoreFn = Callable[[str, list[tuple[Path, list[dict[str, Any]]]]], list[dict[str, Any]]]
-# (description, total, unit) -> a context manager yielding advance(n), as cli/progress.py.
-ProgressFn = Callable[[str, int, str], AbstractContextManager[Callable[[int], None]]]
-LogFn = Callable[[str], None]
 
 # Scorer kinds and the metrics each produces.
 SCORER_METRICS = {
@@ -101,11 +94,33 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # ----------------------------------------------------------------------------- planning
 
 
-def resolve_eval_config(preset: str | None, config_file: str | Path | None) -> Config:
-    """The preset and/or config file that describes the run to evaluate (file wins)."""
-    if not preset and not config_file:
-        raise UserError("Name what to evaluate with --preset NAME or --config FILE.")
-    return resolve(preset, config_file)
+def resolve_eval_config(
+    preset: str | None, config_file: str | Path | None, source: str | None = None
+) -> Config:
+    """The preset and/or config file that describes the run to evaluate (file wins); with
+    neither, the config.yaml the run (or checkpoint) at `source` was trained with."""
+    if preset or config_file:
+        return resolve(preset, config_file)
+    own = own_config_file(source) if source else None
+    if own is None:
+        raise UserError(
+            f"{source} has no config.yaml of its own; name what to evaluate with --preset NAME "
+            "or --config FILE."
+        )
+    return resolve(None, own)
+
+
+def own_config_file(source: str) -> Path | None:
+    """The config.yaml of a local run dir or checkpoint (beside it or in a folder above its
+    checkpoints); None for a hub id or a checkpoint without one."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return None
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / "config.yaml").is_file():
+            return candidate / "config.yaml"
+    return None
 
 
 def select_settings(config: Config, names: list[str] | None = None) -> list[SamplingSetting]:
@@ -190,20 +205,6 @@ def run_dir_for(out_dir: Path, setting: SamplingSetting, seed: int | None) -> Pa
     return run_dir if seed is None else run_dir / f"seed_{seed}"
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]: distinct non-negative integers, in the order given."""
-    parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() for part in parts):
-        raise UserError(
-            f"--seeds must be distinct non-negative integers separated by commas, got '{text}'."
-        )
-    seeds = [int(part) for part in parts]
-    duplicates = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-    if duplicates:
-        raise UserError(f"--seeds names seed {duplicates[0]} twice.")
-    return seeds
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -213,13 +214,14 @@ def load_for_eval(
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
     for_prompting: bool = False,
+    encoder: str | None = None,
 ) -> LoadedModel:
     """The model with the evaluation config: the preset's data and sampling settings, the
     checkpoint's network (and, for our own checkpoints, latent space); conditional presets
     and prompted runs also get the frozen encoder."""
 
     return load_for_sampling(
-        source, config, tokenizer, device, config.data.conditional, for_prompting
+        source, config, tokenizer, device, config.data.conditional, for_prompting, encoder
     )
 
 
@@ -285,6 +287,7 @@ class EvalRequest:
     precision: str = "auto"
     compile: bool = False
     tokenizer: str | None = None
+    encoder: str | None = None  # None: the config's
     device: Any = "cpu"
     force: bool = False
     scorer: str = "gpt2-large"  # recorded in eval.json; the ScoreFn does the scoring
@@ -314,14 +317,19 @@ def run_eval(
     """
 
     log = log or (lambda message: None)
-    progress = progress or _no_progress
+    progress = progress or no_progress
     config, out_dir = request.config, request.out_dir
     check_eval_out_dir(out_dir, request.settings, request.force, request.seeds)
     seeds = request.seeds if request.seeds is not None else [request.seed]
     by_seed = request.seeds is not None
 
     loaded = load_for_eval(
-        request.source, config, request.tokenizer, request.device, bool(request.prompting)
+        request.source,
+        config,
+        request.tokenizer,
+        request.device,
+        bool(request.prompting),
+        request.encoder,
     )
     procs = request.procs or Processes(device=next(loaded.model.parameters()).device)
     config = loaded.config  # the checkpoint's network inside the preset's settings
@@ -520,8 +528,3 @@ def _free_accelerator_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def _no_progress(description: str, total: int, unit: str):
-    yield lambda n=1: None

@@ -16,6 +16,7 @@ they do not depend on how the work was split or interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -69,17 +70,21 @@ def load_for_sampling(
     device: str | torch.device = "cpu",
     with_encoder: bool = False,
     for_prompting: bool = False,
+    encoder: str | None = None,
 ) -> LoadedModel:
     """The EMA model, its tokenizer and the config that describes it.
 
     See `checkpoint_config` for how the checkpoint and `preset` (a name or a Config)
     combine. `with_encoder` also loads the frozen encoder of `config.encoder`, which
     only conditional sampling needs; `for_prompting` loads it for any model (prompts and
-    infill templates need their clean latents).
+    infill templates need their clean latents). `encoder` replaces the config's encoder (a
+    local copy of it, say) as `tokenizer` replaces its tokenizer.
     """
 
     ckpt = load_checkpoint(source)
     config = checkpoint_config(ckpt, preset)
+    if encoder is not None:
+        config.encoder = dataclasses.replace(config.encoder, encoder=encoder)
     model = build_model(ckpt.state_dict, config.model, source).to(device).eval()
     model.requires_grad_(False)
     tok = load_tokenizer(tokenizer or config.encoder.tokenizer)
@@ -89,17 +94,17 @@ def load_for_sampling(
             f"'{tokenizer or config.encoder.tokenizer}' has {len(tok)}; pass the matching "
             "--tokenizer."
         )
-    encoder = None
     if with_encoder or for_prompting:
         if with_encoder:
             check_conditional(config, source)
-        encoder = load_encoder(config.encoder, device)
-        if encoder.width != config.model.latent_dim:
+        frozen = load_encoder(config.encoder, device)
+        if frozen.width != config.model.latent_dim:
             raise UserError(
                 f"The checkpoint works in {config.model.latent_dim}-wide latents but the encoder "
-                f"'{config.encoder.encoder}' is {encoder.width} wide; pass the matching --preset."
+                f"'{config.encoder.encoder}' is {frozen.width} wide; pass the matching --preset."
             )
-    return LoadedModel(model, tok, config, ckpt, encoder)
+        return LoadedModel(model, tok, config, ckpt, frozen)
+    return LoadedModel(model, tok, config, ckpt, None)
 
 
 def check_conditional(config: Config, source: str) -> None:

@@ -38,10 +38,10 @@ from elfctl import records
 from elfctl.config import SamplingSetting
 from elfctl.distributed import Processes
 from elfctl.errors import UserError
-from elfctl.runs.evaluate import LogFn, ProgressFn, ScoreFn, _no_progress
 from elfctl.runs.sample_job import LoadedModel, SampleJob
 from elfctl.runs.stats import mean_stderr
-from elfctl.sampling.solvers import SOLVERS, forwards_for, solver
+from elfctl.sampling.solvers import forwards_for, solver
+from elfctl.scoring import LogFn, ProgressFn, ScoreFn, no_progress
 from elfctl.version import __version__
 
 SWEEP_FILE = "sweep.json"
@@ -60,46 +60,6 @@ SWEEP_METRICS = {
 
 
 # ----------------------------------------------------------------------------- planning
-
-
-def parse_int_list(text: str, option: str, minimum: int | None = None) -> list[int]:
-    """'8,16,32' -> [8, 16, 32]: integers, no repeats, each at least `minimum`."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated integers, got '{text}'.") from None
-    if not values:
-        raise UserError(f"{option} names no values.")
-    if len(set(values)) != len(values):
-        raise UserError(f"{option} names a value twice: '{text}'.")
-    if minimum is not None and min(values) < minimum:
-        raise UserError(f"{option} values must be at least {minimum}, got {min(values)}.")
-    return values
-
-
-def parse_axes(
-    steps: str, forwards: str | None, samplers: str | None, sampler: str | None
-) -> tuple[list[int] | None, list[int] | None, list[str] | None]:
-    """The CLI's axes: (step counts or None, forward budgets or None, samplers or None).
-
-    `forwards` replaces `steps`; `samplers` (comma-separated) and `sampler` exclude each
-    other."""
-    if samplers is not None and sampler is not None:
-        raise UserError("--sampler sets one sampler and --samplers several: pass one of them.")
-    names = None
-    if samplers is not None:
-        names = [name.strip() for name in samplers.split(",") if name.strip()]
-        if not names:
-            raise UserError("--samplers names no samplers.")
-        if len(set(names)) != len(names):
-            raise UserError(f"--samplers names a sampler twice: '{samplers}'.")
-        for name in names:
-            if name not in SOLVERS:
-                choices = ", ".join(SOLVERS)
-                raise UserError(f"--samplers: unknown sampler '{name}'; choose from {choices}.")
-    if forwards is not None:
-        return None, parse_int_list(forwards, "--forwards", minimum=1), names
-    return parse_int_list(steps, "--steps", minimum=1), None, names
 
 
 def run_dir(out_dir: Path, steps: int, seed: int, sampler: str | None = None) -> Path:
@@ -224,7 +184,7 @@ def run_sweep(
     procs = procs or Processes(device=next(loaded.model.parameters()).device)
 
     log = log or (lambda message: None)
-    progress = progress or _no_progress
+    progress = progress or no_progress
     cells = plan_cells(setting.method, steps, samplers, budgets)
     check_sweep_out_dir(out_dir, cells, seeds, force)
     runs: list[tuple[Cell, int, Path, dict[str, Any]]] = []

@@ -75,13 +75,29 @@ class Layout:
         return {self.kind if self.kind == "prompt" else "template": self.text}
 
 
-def _token_ids(tokenizer, text: str) -> list[int]:
+def _token_ids(tokenizer, text: str, given: str | None = None) -> list[int]:
+    """`text`'s token ids; words the tokenizer does not know are refused, naming them, since
+    they would become its unknown token and vanish from the sample's text (`given`: the
+    prompt or template as written, for the message)."""
+    ids = _raw(tokenizer, text)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        words = [w for w in text.split() if unk in _raw(tokenizer, w)]
+        raise UserError(
+            f"{given or text!r}: the tokenizer does not know "
+            f"{', '.join(repr(w) for w in words) or 'part of it'} (it would become "
+            f"{tokenizer.unk_token} and vanish from the text); use words it knows."
+        )
+    return ids
+
+
+def _raw(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def parse_prompt(tokenizer, prompt: str) -> Layout:
     """A prefix prompt -> its layout (the prompt's tokens at positions 0..n-1)."""
-    ids = _token_ids(tokenizer, prompt.strip())
+    ids = _token_ids(tokenizer, prompt.strip(), prompt)
     if not ids:
         raise UserError(f"The prompt {prompt!r} has no tokens.")
     return Layout(tuple(ids), prompt, "prompt")
@@ -95,7 +111,7 @@ def parse_template(tokenizer, template: str) -> Layout:
     ids: list[int | None] = []
     for i, piece in enumerate(pieces):
         if i % 2 == 0:
-            ids.extend(_token_ids(tokenizer, piece.strip()) if piece.strip() else [])
+            ids.extend(_token_ids(tokenizer, piece.strip(), template) if piece.strip() else [])
             continue
         if not piece.isdigit() or int(piece) < 1:
             raise UserError(

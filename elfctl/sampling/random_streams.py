@@ -11,6 +11,9 @@ keyed by (seed, the batch's first id), shared by the batch's samples (their nois
 per-sample). The official port draws that grid once per batch, which correlates a batch's
 samples; per-sample grids give each sample the same marginal distribution without that.
 
+Rows of one batch may come from different runs (the server batches requests together): a
+`seed` may then be one seed per row, so each row's stream is still (its seed, its id).
+
 `BatchStream` is the official port's draws: one generator for the whole batch (one grid,
 and noise drawn for all rows at once). The sampler accepts either.
 """
@@ -34,11 +37,14 @@ def sample_key(seed: int, sample_id: int, purpose: str = "sample") -> int:
 
 
 class SampleStreams:
-    """One random stream per sample of a batch (rows in the order of `ids`)."""
+    """One random stream per sample of a batch (rows in the order of `ids`).
+
+    `seed` is the run's seed, or one seed per row (rows of different requests).
+    """
 
     def __init__(
         self,
-        seed: int,
+        seed: int | Sequence[int],
         ids: Sequence[int],
         device: str | torch.device = "cpu",
         grid: str = "per-sample",
@@ -48,12 +54,16 @@ class SampleStreams:
         self.device = torch.device(device)
         self.ids = list(ids)
         self.grid = grid
+        seeds = [seed] * len(self.ids) if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(self.ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(self.ids)} samples")
         self.generators = [
-            torch.Generator(self.device).manual_seed(sample_key(seed, i)) for i in self.ids
+            torch.Generator(self.device).manual_seed(sample_key(s, i))
+            for s, i in zip(seeds, self.ids, strict=True)
         ]
         # The per-batch grid's own stream, keyed by the batch's first sample.
         self.grid_generator = torch.Generator(self.device).manual_seed(
-            sample_key(seed, self.ids[0], "batch-grid")
+            sample_key(seeds[0], self.ids[0], "batch-grid")
         )
 
     def normal(self, shape: Sequence[int]) -> torch.Tensor:

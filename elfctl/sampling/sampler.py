@@ -347,7 +347,7 @@ def sample_batch(
     net,
     settings: SamplerSettings,
     ids: Sequence[int],
-    seed: int,
+    seed: int | Sequence[int],
     length: int,
     condition: Condition | None = None,
     grid: str = "per-sample",
@@ -357,27 +357,22 @@ def sample_batch(
     eos_id: int = 1,
     known=None,
     trajectory: int = 0,
+    on_frame: Callable[[list[list[int]]], None] | None = None,
 ) -> BatchSamples:
     """The token ids of samples `ids` (one batch): sample_latents -> decode -> cut.
 
-    Each row's noise, grid and churn come from its own stream (seed, id); `noise`
-    replaces the drawn initial noise. `known` (`prompting.KnownTokens`) holds known tokens
-    and writes them back into the output; `trajectory=K` also decodes x_hat at K evenly
-    spaced steps (one extra decode forward each).
+    Each row's noise, grid and churn come from its own stream (seed, id), `seed` being
+    one seed or one per row; `noise` replaces the drawn initial noise. `known`
+    (`prompting.KnownTokens`) holds known tokens and writes them back into the output;
+    `trajectory=K` also decodes x_hat at K evenly spaced steps (one extra decode forward
+    each), and `on_frame` receives each recorded step's output ids as soon as it is decoded
+    (a host read per recorded step: for live streams).
     """
     device = next(net.parameters()).device
     streams = SampleStreams(seed, ids, device, grid)
     eps = streams.normal((length, net.cfg.latent_dim))  # drawn even if replaced: same streams
     if noise is not None:
         eps = noise
-    recorder = None
-    if trajectory:
-        recorder = TrajectoryRecorder(
-            settings.steps, trajectory, lambda x: decode(net, x, settings.sc_cfg)
-        )
-    with autocast_context(device, precision):
-        z = sample_latents(net, settings, eps, streams, condition, known, recorder)
-        tokens = decode(net, z, settings.sc_cfg)
 
     def cut(tokens: torch.Tensor) -> list[list[int]]:
         """Decoded ids (B, S) -> each sample's output ids (known tokens kept)."""
@@ -387,6 +382,17 @@ def sample_batch(
             tokens = shift_condition(tokens, condition, pad_id)
         tokens = mask_after_eos(tokens, eos_id, pad_id)
         return [strip_pad(row, pad_id) for row in tokens.tolist()]
+
+    def decode_frame(x_hat: torch.Tensor) -> torch.Tensor:
+        tokens = decode(net, x_hat, settings.sc_cfg)
+        if on_frame is not None:
+            on_frame(cut(tokens))
+        return tokens
+
+    recorder = TrajectoryRecorder(settings.steps, trajectory, decode_frame) if trajectory else None
+    with autocast_context(device, precision):
+        z = sample_latents(net, settings, eps, streams, condition, known, recorder)
+        tokens = decode(net, z, settings.sc_cfg)
 
     if recorder is None:
         return BatchSamples(cut(tokens))

@@ -1,4 +1,17 @@
-"""Training: objective, optimisers, the trainer, fine-tuning, distillation, tracking."""
+"""Training: objective, optimisers, the trainer, fine-tuning, distillation, tracking.
+
+trainer         the training loop on Accelerate (`train`, `Trainer`)
+data_order      which rows each step trains on, per process, and where training stands
+run_dir         a run directory: saved config, same-run checks, log, checkpoint retention
+training_state  a checkpoint's training_state/: what exact resume needs, per process
+previews        periodic samples from the EMA weights during training
+objective       the ELF loss and the randomness of one step
+optim           Muon/AdamW, schedules, EMA
+autoconfig      `auto` settings resolved from the tokenizer and the data
+finetune        initial weights from another checkpoint
+distillation    progressive distillation rounds on the same loop
+tracking        Accelerate trackers (TensorBoard, W&B)
+"""
 
 from __future__ import annotations
 
@@ -51,6 +64,7 @@ from elfctl.training.trainer import (
     plan_batches,
     train,
 )
+from elfctl.training.training_state import TrainingState, read_training_state
 
 __all__ = [
     "DistillTrainer",
@@ -63,6 +77,7 @@ __all__ = [
     "Tracking",
     "TrainResult",
     "Trainer",
+    "TrainingState",
     "build_optimizer",
     "build_scheduler",
     "check_distill_config",
@@ -89,6 +104,7 @@ __all__ = [
     "pd_inputs",
     "pd_target",
     "plan_batches",
+    "read_training_state",
     "resolve_warmup_steps",
     "round_config",
     "round_dir",

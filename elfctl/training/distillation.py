@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from elfctl.config import Config, ObjectiveConfig, from_dict
+from elfctl.distributed import local_device
 from elfctl.errors import UserError
 from elfctl.model import flow
 from elfctl.model.checkpoints import WEIGHTS_FILE, build_model, list_step_dirs, load_checkpoint
@@ -362,8 +363,15 @@ class DistillTrainer(Trainer):
     per-example CE over decoder examples and "loss" the mean over all examples.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, accelerator, resume: str = "auto"):
-
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        accelerator,
+        resume: str = "auto",
+        *,
+        log_with: Sequence[str] = (),
+    ):
         check_distill_config(cfg)
         if cfg.data.streaming:  # rounds are counted in epochs of a known number of rows
             raise UserError("distill does not stream (data.streaming): its rounds are epochs.")
@@ -376,10 +384,14 @@ class DistillTrainer(Trainer):
         ckpt = load_checkpoint(source)  # EMA weights: the teacher of every round
         teacher = build_model(ckpt.state_dict, cfg.model, f"The teacher {source}")
         self.teacher_state = ckpt.state_dict
-        self.teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
-        super().__init__(cfg, run_dir, accelerator, resume)
+        device = local_device(accelerator.device)
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        run_dir = Path(run_dir)
+        tracker_name = f"{run_dir.parent.name}-{run_dir.name}"  # one tracker run per round
+        super().__init__(
+            cfg, run_dir, accelerator, resume, log_with=log_with, tracker_name=tracker_name
+        )
         self.teacher_state = None  # only needed to build round 1's student
-        self.tracker_name = f"{self.run_dir.parent.name}-{self.run_dir.name}"
 
     def initial_model(self):
         """Round 1: a copy of the teacher; round k > 1: round k-1's EMA weights."""
@@ -387,7 +399,7 @@ class DistillTrainer(Trainer):
         if self.round == 1:
             state = self.teacher_state
         else:
-            state = previous_round_weights(self.run_dir, self.round, len(self.rows))
+            state = previous_round_weights(self.run_dir, self.round, len(self.data.rows))
         model = ELF(self.cfg.model)
         model.load_state_dict(state, strict=True)
         return model
@@ -484,8 +496,13 @@ def distill(
     rounds = rounds or list(range(1, len(cfg.distill.spans) + 1))
     results = []
     for k in rounds:
-        trainer = DistillTrainer(round_config(cfg, k), round_dir(run_dir, k), accelerator, resume)
-        trainer.log_with = list(log_with or [])
+        trainer = DistillTrainer(
+            round_config(cfg, k),
+            round_dir(run_dir, k),
+            accelerator,
+            resume,
+            log_with=log_with or (),
+        )
         common = (k, trainer.span, trainer.substeps, trainer.run_dir)
         if trainer.finished:
             results.append(RoundResult(*common, trainer.step, trainer.total_steps, True, None))

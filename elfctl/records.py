@@ -19,7 +19,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,64 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> Path:
     finally:
         os.close(fd)
     return path
+
+
+# ----------------------------------------------------------------------------- damaged state
+
+
+@contextmanager
+def reading_state(path: str | os.PathLike[str], fix: str) -> Iterator[None]:
+    """Read run state from `path` in this block: a file that is missing, cut short or
+    malformed becomes one sentence naming it, with `fix` (what the user can do)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - is_damage sorts them; the rest are re-raised
+        if not is_damage(e):
+            raise
+        if isinstance(e, FileNotFoundError):
+            raise UserError(f"{path} is missing; {fix}") from None
+        raise UserError(f"{path} is damaged ({damage_reason(e)}); {fix}") from None
+
+
+def read_json_state(path: str | os.PathLike[str], fix: str) -> dict[str, Any]:
+    """A JSON object the program wrote (job.json, trainer.json, meta.json...), or a
+    UserError naming the file and `fix` when it is missing, cut short or not an object."""
+    with reading_state(path, fix):
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); {fix}")
+    return value
+
+
+def is_damage(error: BaseException) -> bool:
+    """An error that means a file is missing, cut short or not in its format.
+
+    Matched by name where the type lives in an optional or heavy package (safetensors,
+    yaml, torch), so this module imports none of them.
+    """
+    if isinstance(error, (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError)):
+        return True
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if names & {"SafetensorError", "YAMLError", "UnpicklingError"}:
+        return True
+    # torch.load of a file cut short: its zip reader finds no central directory.
+    return isinstance(error, RuntimeError) and "PytorchStreamReader" in str(error)
+
+
+def damage_reason(error: BaseException) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON: {error.msg} at line {error.lineno}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text at byte {error.start}"
+    if isinstance(error, EOFError) or "PytorchStreamReader" in str(error):
+        return "empty or cut short"
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if "YAMLError" in names:
+        return "not valid YAML"
+    first = str(error).strip().splitlines()
+    return first[0].rstrip(".") if first else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- samples

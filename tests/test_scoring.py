@@ -140,7 +140,7 @@ def test_scorer_pads_with_eos(scorer):
 
 
 def test_unknown_scorer_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="cannot load the scorer model"):
+    with pytest.raises(UserError, match="Could not load the scorer model"):
         scoring.load_scorer(str(tmp_path / "no-such-model"))
 
 

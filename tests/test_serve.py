@@ -113,7 +113,7 @@ def test_the_official_openai_client_works_unchanged(server):
 def test_texts_equal_offline_sampling_for_the_same_seed_and_prompts(server, loaded, ckpt, tmp_path):
     """Prompt p's j-th choice is offline sample j * len(prompts) + p (prompt i mod count)."""
     base, _ = server
-    prompts = ["the dog", "a cat"]
+    prompts = ["the dog", "every cat"]
     body = {"prompt": prompts, "n": 2, "seed": 5, **FAST}
     got = texts(post(base, body))
     rows = offline(
@@ -159,10 +159,10 @@ def test_stop_sequences_cut_the_text(server):
 
 REQUESTS = [
     {"prompt": "the dog", "seed": 1},
-    {"prompt": "a cat", "seed": 2, "n": 2},
+    {"prompt": "every cat", "seed": 2, "n": 2},
     {"seed": 3},
     {"infill": "the [gap:2] sees [gap:3] .", "seed": 4},
-    {"prompt": ["the dog", "a bird"], "seed": 1},
+    {"prompt": ["the dog", "every bird"], "seed": 1},
     {"prompt": "the dog", "seed": 9},
 ]
 
@@ -292,7 +292,7 @@ BAD = [
     ('{"prompt": [1, 2, 3]}', "prompt", "token ids"),
     (json.dumps({"prompt": TOO_LONG}), "prompt", "tokens but samples have only"),
     ('{"n": 9}', "n", "between 1 and 8"),
-    ('{"prompt": ["the dog", "a cat"], "n": 5}', "n", "rows per request"),
+    ('{"prompt": ["the dog", "every cat"], "n": 5}', "n", "rows per request"),
     ('{"max_tokens": 17}', "max_tokens", "between 1 and 16"),
     ('{"max_tokens": 0}', "max_tokens", "between 1 and 16"),
     ('{"infill": "the [gap:x] ."}', "infill", "gap"),

@@ -246,6 +246,10 @@ def _run(prepared, request, json_out: bool, procs) -> None:
             "samples already done",
             highlight=False,
         )
+    if plan.damaged:
+        console.print(
+            f"resampling damaged batch file(s): {', '.join(plan.damaged)}", highlight=False
+        )
     with progress("sampling", plan.pending_samples, "samples") as advance:
         info = run_sample(prepared, request, plan, procs, on_batch=advance)
     if procs.is_main:

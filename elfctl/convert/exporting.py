@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from elfctl import hub, records
 from elfctl.config import Config, describe_sampler, dump_yaml
 from elfctl.errors import UserError
 from elfctl.model.checkpoints import (
@@ -133,10 +134,8 @@ def _found_evals(source: str) -> list[Path]:
 
 
 def _read_eval(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not a readable eval.json ({type(e).__name__}).") from None
+    fix = f"run `elfctl eval` again to rewrite it, or leave {path.name} out of the card."
+    data = records.read_json_state(path, fix)
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise UserError(f"{path} is not an eval.json written by `elfctl eval` (no rows).")
     return data
@@ -258,10 +257,9 @@ def _number(value) -> str:
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
     """Upload the exported folder to a hub model repo (created if needed); returns its URL."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
-    try:
+    with hub.access(repo_id, f"the exported folder {folder}", upload=True):
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(
             folder_path=str(folder),
@@ -269,10 +267,4 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
             repo_type="model",
             commit_message=f"elfctl export ({folder.name})",
         )
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise UserError(
-            f"Could not push {folder} to the hub repo {repo_id} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); check `huggingface-cli login` and "
-            "the repo id."
-        ) from None
     return str(url)

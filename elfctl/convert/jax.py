@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from elfctl import hub
 from elfctl.config import Config, ModelConfig, resolve
 from elfctl.convert.jax_readers import (
     CHECKPOINT_NAME,
@@ -30,6 +31,7 @@ from elfctl.convert.param_map import convert_tree, final_layer_is_zero, infer_co
 from elfctl.convert.t5_pickle import convert_t5_state, find_pickle, load_t5_pickle
 from elfctl.errors import UserError
 from elfctl.model.checkpoints import save_model_checkpoint, save_official_checkpoint
+from elfctl.model.encoder import load_pretrained
 
 WEIGHT_SUBTREES = {
     "ema": ("ema_params1",),
@@ -256,6 +258,8 @@ def convert_t5_encoder(
     from transformers import T5EncoderModel
 
     started = time.perf_counter()
+    if compare:
+        hub.check_local(compare, "the reference T5 encoder")  # before anything is written
     dst_path = Path(dst).expanduser()
     if dst_path.exists() and not force:
         raise UserError(f"Destination {dst_path} already exists; pass --force to overwrite it.")
@@ -293,10 +297,9 @@ def compare_t5(model: Any, reference: str) -> dict[str, Any]:
     import torch
     from transformers import T5EncoderModel
 
-    try:  # a local folder or a hub id (e.g. t5-small), through the normal HF loading path
-        ref = T5EncoderModel.from_pretrained(str(Path(reference).expanduser())).eval()
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"Cannot load the reference T5 encoder '{reference}' ({e}).") from None
+    # A local folder or a hub id (e.g. t5-small), through the normal HF loading path.
+    ref = load_pretrained(T5EncoderModel.from_pretrained, reference, "the reference T5 encoder")
+    ref.eval()
     ours, theirs = model.state_dict(), ref.state_dict()
     worst_name, worst = "", 0.0
     for name, tensor in ours.items():

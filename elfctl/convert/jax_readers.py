@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from elfctl import hub
 from elfctl.errors import UserError
 
 # progress(done, total, unit): called while reading; unit is "tensors" or "MiB".
@@ -56,15 +57,10 @@ def resolve_jax_path(src: str, allow_patterns: list[str] | None = None) -> Path:
     org, repo, *rest = src.split("/")
     sub = "/".join(rest)
     patterns = allow_patterns or ([f"{sub}/*", sub] if sub else None)
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
+    with hub.access(f"{org}/{repo}", "the JAX checkpoint"):
         local = Path(snapshot_download(f"{org}/{repo}", allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no permission: one sentence
-        raise UserError(
-            f"Source '{src}' is not a local path and could not be fetched from the Hugging Face "
-            f"hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})."
-        ) from None
     local = local / sub if sub else local
     if not local.exists():
         raise UserError(f"Hub repo '{org}/{repo}' has no '{sub}'.")

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from elfctl import records
 from elfctl.config import DataConfig
 from elfctl.data.jsonl import jsonl_object
 from elfctl.errors import UserError
@@ -256,8 +257,11 @@ def cached_rows(root: Path, key: str, inputs: dict, build, may_build: bool) -> P
 def _load_entry(folder: Path, built: bool) -> PreparedRows:
     from datasets import load_from_disk
 
-    manifest = json.loads((folder / MANIFEST).read_text())
-    return PreparedRows(load_from_disk(str(folder)), folder, built, manifest)
+    fix = f"delete {folder} and it is built again from the source."
+    manifest = records.read_json_state(folder / MANIFEST, fix)
+    with records.reading_state(folder, fix):
+        rows = load_from_disk(str(folder))
+    return PreparedRows(rows, folder, built, manifest)
 
 
 def build_rows(files, cfg: DataConfig, tokenizer, staging: Path, on_progress=None, source=None):

@@ -30,12 +30,14 @@ Collation masks are bool tensors (True = yes); see `collate`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from elfctl import hub
 from elfctl.config import DataConfig
 from elfctl.data.pipeline import (
     PreparedRows,
@@ -266,14 +268,17 @@ def load_dataset_or_none(repo_id: str, split: str | None = None):
     either refuses it or reads its metadata as rows."""
     from datasets import load_dataset
 
+    local = Path(repo_id).exists()
     try:
-        data = load_dataset(repo_id, split=split)
-    except ValueError as e:
-        if "save_to_disk" not in str(e):
-            raise UserError(f"Could not load dataset '{repo_id}': {e}") from None
-        return None  # a local save_to_disk folder: datasets says so itself
-    except OSError as e:
-        raise UserError(f"Could not load dataset '{repo_id}' from the hub: {e}") from None
+        with nullcontext() if local else hub.access(repo_id, "the dataset"):
+            try:
+                data = load_dataset(repo_id, split=split)
+            except ValueError as e:
+                if "save_to_disk" in str(e):
+                    return None  # a save_to_disk folder: datasets says so itself
+                raise
+    except (OSError, ValueError) as e:  # a local folder: hub errors are UserErrors already
+        raise UserError(f"Could not load dataset '{repo_id}': {e}") from None
     parts = [data] if split is not None else list(data.values())
     return None if any(is_save_to_disk_metadata(part) for part in parts) else data
 
@@ -284,10 +289,8 @@ def dataset_snapshot(repo_id: str) -> Path:
         return Path(repo_id)
     from huggingface_hub import snapshot_download
 
-    try:
+    with hub.access(repo_id, "the dataset"):
         return Path(snapshot_download(repo_id, repo_type="dataset"))
-    except OSError as e:
-        raise UserError(f"Could not download dataset '{repo_id}' from the hub: {e}") from None
 
 
 def save_to_disk_root(folder: Path) -> Path:

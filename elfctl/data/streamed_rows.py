@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
+from elfctl import hub
 from elfctl.config import DataConfig
 from elfctl.data.pipeline import Packer, check_data_settings, is_glob, text_files
 from elfctl.errors import UserError
@@ -48,14 +50,17 @@ def open_stream(source: str, cfg: DataConfig, split: str, rank: int = 0, world_s
         if world_size > 1:
             stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         return stream
+    local = Path(source).exists()
     try:
-        stream = load_dataset(source, split=split, streaming=True)
-    except ValueError as e:
-        if "save_to_disk" in str(e):
-            raise UserError(_save_to_disk_message(source)) from None
+        with nullcontext() if local else hub.access(source, "the dataset"):
+            try:
+                stream = load_dataset(source, split=split, streaming=True)
+            except ValueError as e:
+                if "save_to_disk" in str(e):
+                    raise UserError(_save_to_disk_message(source)) from None
+                raise
+    except (OSError, ValueError) as e:  # a local folder: hub errors are UserErrors already
         raise UserError(f"Could not stream dataset '{source}': {e}") from None
-    except OSError as e:
-        raise UserError(f"Could not stream dataset '{source}' from the hub: {e}") from None
     if world_size > 1:
         stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
     return stream

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from elfctl import hub, records
 from elfctl.config import Config, ModelConfig, dump_yaml, from_dict, resolve
 from elfctl.errors import UserError
 from elfctl.model.network import ELF, infer_model_config
@@ -119,38 +120,40 @@ def list_step_dirs(folder: Path) -> list[Path]:
 
 
 def _resolve_hub(source: str) -> tuple[Path, str]:
-    from huggingface_hub import hf_hub_download, list_repo_files
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import hf_hub_download
 
     parts = source.strip("/").split("/")
     repo_id, sub_path = "/".join(parts[:2]), "/".join(parts[2:])
-    try:
+    with hub.access(repo_id, "the checkpoint") as offline:
         if not sub_path:
-            names = [n for n in list_repo_files(repo_id) if OFFICIAL_PATTERN.match(n)]
+            names = [n for n in _repo_files(repo_id, offline) if OFFICIAL_PATTERN.match(n)]
             if not names:
                 raise UserError(f"Hub repo {repo_id} holds no checkpoint_<step> file.")
             sub_path = max(names, key=lambda n: int(OFFICIAL_PATTERN.match(n).group(1)))
         path = Path(hf_hub_download(repo_id, sub_path))
-        _download_config_beside(repo_id, sub_path)
-        return path, "official"
-    except UserError:
-        raise
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        raise UserError(
-            f"Checkpoint not found: '{source}' is neither a local path nor a reachable hub "
-            f"repo ({type(e).__name__})."
-        ) from None
+    _download_config_beside(repo_id, sub_path)
+    return path, "official"
+
+
+def _repo_files(repo_id: str, offline: bool) -> list[str]:
+    """The files of a hub model repo: listed by the hub, or offline those in the cache."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    if not offline:
+        return list_repo_files(repo_id)
+    folder = Path(snapshot_download(repo_id, allow_patterns=["checkpoint_*"]))
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
 
 
 def _download_config_beside(repo_id: str, sub_path: str) -> None:
     """Fetch the config.yaml an `elfctl export` upload keeps next to its checkpoint."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     folder = "/".join(sub_path.split("/")[:-1])
     try:
-        hf_hub_download(repo_id, f"{folder}/config.yaml" if folder else "config.yaml")
-    except (EntryNotFoundError, LocalEntryNotFoundError):
+        with hub.access(repo_id, "the checkpoint's config.yaml"):
+            hf_hub_download(repo_id, f"{folder}/config.yaml" if folder else "config.yaml")
+    except UserError:
         pass  # an official upload (no config beside the checkpoint), or offline and not cached
 
 
@@ -211,21 +214,34 @@ RAW_WEIGHTS_FILE = Path("training_state") / "model_raw.pt"
 
 
 def _load_ours(path: Path, weights: str = "ema") -> Checkpoint:
-    import yaml
     from safetensors.torch import load_file
 
-    meta = json.loads((path / "meta.json").read_text())
-    config = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    fix = f"delete {path} to fall back to the checkpoint before it, or pass another checkpoint."
+    meta = records.read_json_state(path / "meta.json", fix)
+    config = read_config_state(path / "config.yaml", fix)
     if weights == "params":
         raw = path / RAW_WEIGHTS_FILE
         if not raw.is_file():
             raise UserError(
                 f"{path} holds only EMA weights (no {RAW_WEIGHTS_FILE}); use the EMA weights."
             )
-        state_dict = torch.load(raw, map_location="cpu", weights_only=True)
+        with records.reading_state(raw, fix):
+            state_dict = torch.load(raw, map_location="cpu", weights_only=True)
         return Checkpoint(state_dict, config.model, config, meta.get("step"), str(raw), "elfctl")
-    state_dict = load_file(str(path / WEIGHTS_FILE))
+    with records.reading_state(path / WEIGHTS_FILE, fix):
+        state_dict = load_file(str(path / WEIGHTS_FILE))
     return Checkpoint(state_dict, config.model, config, meta.get("step"), str(path), "elfctl")
+
+
+def read_config_state(path: Path, fix: str) -> Config:
+    """A config.yaml we wrote (in a checkpoint or run directory); damage is named with `fix`."""
+    import yaml
+
+    with records.reading_state(path, fix):
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged (not a YAML mapping); {fix}")
+    return from_dict(data)
 
 
 def _infer(state_dict: dict[str, torch.Tensor], path: Path) -> ModelConfig:

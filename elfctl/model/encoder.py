@@ -21,53 +21,66 @@ eager path *adds* it to the scores, so a bool mask there is silently wrong.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from elfctl import hub
 from elfctl.config import EncoderConfig
 from elfctl.errors import UserError
 from elfctl.testbed.assets import resolve_testbed_uri
 
 
-def resolve_pretrained_source(name_or_path: str) -> str:
-    """A hub id or local folder for `from_pretrained`; `testbed:` URIs become local folders."""
+def resolve_pretrained_source(name_or_path: str, what: str = "the folder") -> str:
+    """A hub id or local folder for `from_pretrained`; `testbed:` URIs become local folders.
+
+    A name that looks like a path must exist: it is never taken for a hub id.
+    """
     if name_or_path.startswith("testbed:"):
         return str(resolve_testbed_uri(name_or_path))
-    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise UserError(f"Local folder not found: {name_or_path}.")
+    hub.check_local(name_or_path, what)
     return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
 
 
 def looks_like_local_path(name: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else that names a path is local.
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+    return hub.looks_like_local_path(name)
+
+
+def load_pretrained(loader: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any):
+    """`loader(source, **kwargs)` (a `from_pretrained`) for a hub id, local folder or
+    `testbed:` URI; every failure is one sentence naming `what` and `name_or_path`.
+
+    Hub ids go through `hub.access`: without a network they fail fast (or load from
+    the local cache), never after minutes of retries.
+    """
+    source = resolve_pretrained_source(name_or_path, what)
+    if Path(source).exists():
+        try:
+            return loader(source, **kwargs)
+        except (OSError, ValueError) as e:
+            reason = hub.first_line(e)
+            raise UserError(f"Could not load {what} '{name_or_path}': {reason}") from None
+    with hub.access(source, what):
+        return loader(source, **kwargs)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "*.model", "vocab.*")
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, what: str = "tokenizer"):
     """The Hugging Face tokenizer (hub id, local folder or `testbed:` URI). V = len(tokenizer)."""
     from transformers import AutoTokenizer
 
-    source = resolve_pretrained_source(name_or_path)
-    folder = Path(source)
+    folder = Path(resolve_pretrained_source(name_or_path, what))
     if folder.is_dir() and not any(any(folder.glob(p)) for p in _TOKENIZER_FILES):
         # Some transformers versions quietly build a default tokenizer from an empty folder.
         raise UserError(
-            f"Could not load tokenizer '{name_or_path}': the folder has no tokenizer files."
+            f"Could not load {what} '{name_or_path}': the folder has no tokenizer files."
         )
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise UserError(f"Could not load tokenizer '{name_or_path}': {_first_line(e)}") from None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__).rstrip(".") + "."
+    return load_pretrained(AutoTokenizer.from_pretrained, name_or_path, what)
 
 
 class FrozenEncoder(nn.Module):
@@ -90,12 +103,8 @@ class FrozenEncoder(nn.Module):
     ) -> FrozenEncoder:
         from transformers import T5EncoderModel
 
-        source = resolve_pretrained_source(name_or_path)
         kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-        try:
-            t5 = T5EncoderModel.from_pretrained(source, **kwargs)
-        except (OSError, ValueError) as e:
-            raise UserError(f"Could not load encoder '{name_or_path}': {_first_line(e)}") from None
+        t5 = load_pretrained(T5EncoderModel.from_pretrained, name_or_path, "encoder", **kwargs)
         return cls(t5, latent_mean, latent_std)
 
     @property

@@ -384,6 +384,8 @@ def run_eval(
             if procs.is_main and request.force:  # old metrics describe replaced samples
                 (run_dir / records.METRICS_FILE).unlink(missing_ok=True)
             done = f", resuming after {finished.done} done" if finished.done else ""
+            if finished.damaged:
+                done += f", resampling damaged {', '.join(finished.damaged)}"
             log(
                 f"{name}: sampling {job.num_samples} x {job.length} tokens "
                 f"({describe_sampler(setting)}{done}), "

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import platform
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -129,6 +130,7 @@ class SamplePlan:
 
     done: int  # samples already in finished batch files (a resumed run)
     pending: list[list[int]]  # sample ids, one list per batch, in id order
+    damaged: list[str] = field(default_factory=list)  # batch files found cut short: resampled
 
     @property
     def pending_samples(self) -> int:
@@ -206,8 +208,13 @@ class SampleJob:
         self._layouts(loaded)  # prompts and templates must fit before anything is written
         unfinished = Path(out_dir) / UNFINISHED_DIR
         done: set[int] = set()
+        damaged: list[str] = []
         if resume != "never" and (unfinished / JOB_FILE).exists():
-            recorded = json.loads((unfinished / JOB_FILE).read_text(encoding="utf-8"))
+            recorded = records.read_json_state(
+                unfinished / JOB_FILE,
+                f"pass --force to start the run in {out_dir} over (its finished batches are "
+                f"discarded), or delete {unfinished}.",
+            )
             wanted = self.fingerprint(loaded, device)
             if recorded != wanted:
                 changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
@@ -215,12 +222,13 @@ class SampleJob:
                     f"{out_dir} holds an unfinished run with other settings ({', '.join(changed)}"
                     "); run the same command to resume it, or pass --force to start over."
                 )
-            for rows in _finished_batches(unfinished):
+            batches, damaged = _finished_batches(unfinished)
+            for rows in batches:
                 done.update(row["id"] for row in rows)
         elif resume == "must":
             raise UserError(f"--resume: {out_dir} holds no unfinished sample run to resume.")
         pending = [i for i in range(self.num_samples) if i not in done]
-        return SamplePlan(len(done), distributed.batches(pending, self.batch_size))
+        return SamplePlan(len(done), distributed.batches(pending, self.batch_size), damaged)
 
     def finished(self, loaded: LoadedModel, out_dir: Path) -> dict | None:
         """run.json of a finished run of these settings in `out_dir`; None if there is none.
@@ -230,7 +238,9 @@ class SampleJob:
         out_dir = Path(out_dir)
         if not (out_dir / records.SAMPLES_FILE).exists():
             return None
-        info = records.read_run_json(out_dir) if (out_dir / records.RUN_FILE).exists() else {}
+        run_file = out_dir / records.RUN_FILE
+        fix = f"pass --force to sample {out_dir} again, or another --out."
+        info = records.read_json_state(run_file, fix) if run_file.exists() else {}
         device = next(loaded.model.parameters()).device
         if info.get("fingerprint") != self.fingerprint(loaded, device):
             raise UserError(
@@ -268,6 +278,8 @@ class SampleJob:
         if procs.is_main:
             if resume == "never":
                 shutil.rmtree(unfinished, ignore_errors=True)
+            for name in plan.damaged:  # their samples are in plan.pending: sampled again
+                (unfinished / name).unlink(missing_ok=True)
             records.atomic_write_json(unfinished / JOB_FILE, self.fingerprint(loaded, device))
         procs.barrier()
 
@@ -289,6 +301,8 @@ class SampleJob:
         procs.barrier()  # every batch file is written
         wall = time.perf_counter() - start
         info = self.describe(loaded, device, wall, plan, per_process)
+        if plan.damaged:
+            info["resampled_batches"] = list(plan.damaged)
         info["fingerprint"] = self.fingerprint(loaded, device)
         if procs.is_main:
             rows = _rows_in_order(unfinished, self.num_samples)
@@ -566,16 +580,38 @@ def _batch_name(ids: list[int]) -> str:
     return f"batch_{ids[0]:09d}_{len(ids):06d}.jsonl"
 
 
-def _finished_batches(unfinished: Path) -> list[list[dict]]:
-    """The rows of every finished batch file (each complete: written by atomic rename)."""
-    out = []
+def _finished_batches(unfinished: Path) -> tuple[list[list[dict]], list[str]]:
+    """The rows of every complete batch file, and the names of damaged ones.
+
+    Batch files are written by atomic rename, but a disk that fills or a copy cut short
+    can still leave one incomplete: a line that is not JSON, a row without an id, or
+    fewer rows than its name says. Such a batch is not trusted: it is sampled again.
+    """
+    batches, damaged = [], []
     for path in sorted(unfinished.glob("batch_*.jsonl")):
-        out.append([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()])
-    return out
+        rows = _read_batch(path)
+        if rows is None:
+            damaged.append(path.name)
+        else:
+            batches.append(rows)
+    return batches, damaged
+
+
+def _read_batch(path: Path) -> list[dict] | None:
+    """A batch file's rows, or None when it is damaged."""
+    match = re.fullmatch(r"batch_(\d+)_(\d+)\.jsonl", path.name)
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ids = [row.get("id") if isinstance(row, dict) else None for row in rows]
+    if match is None or not all(isinstance(i, int) for i in ids) or len(rows) != int(match[2]):
+        return None
+    return rows
 
 
 def _rows_in_order(unfinished: Path, num_samples: int) -> list[dict]:
-    by_id = {row["id"]: row for rows in _finished_batches(unfinished) for row in rows}
+    by_id = {row["id"]: row for rows in _finished_batches(unfinished)[0] for row in rows}
     missing = [i for i in range(num_samples) if i not in by_id]
     if missing:
         raise RuntimeError(f"{len(missing)} samples missing from {unfinished}, first {missing[0]}")

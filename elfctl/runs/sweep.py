@@ -208,6 +208,8 @@ def run_sweep(
             with progress(f"sampling {what}", num_samples, "samples") as adv:
                 resume = "never" if force else "auto"
                 run_info = job.run(loaded, directory, on_batch=adv, procs=procs, resume=resume)
+            if run_info.get("resampled_batches"):
+                log(f"resampled damaged batch file(s): {', '.join(run_info['resampled_batches'])}")
             runs.append((cell, seed, directory, run_info))
 
     by_dir: dict[str, list[dict[str, Any]]] = {_key(d): [] for _, _, d, _ in runs}
@@ -293,16 +295,12 @@ def _sampler(setting: SamplingSetting) -> dict[str, Any]:
 
 def load(directory: str | Path) -> dict[str, Any]:
     """The sweep.json of a sweep directory (or the file itself)."""
-    import json
-
     path = Path(directory)
     path = path / SWEEP_FILE if path.is_dir() else path
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file (not a sweep directory).") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: malformed JSON ({e.msg}, line {e.lineno}).") from None
+    if not path.exists():
+        raise UserError(f"{path}: no such file (not a sweep directory).")
+    fix = "run the sweep again with --force to write it anew."
+    summary = records.read_json_state(path, fix)
     if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list):
         raise UserError(f"{path}: not a sweep summary (no rows).")
     return summary

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from elfctl.errors import UserError
+from elfctl.model.encoder import load_pretrained
 from elfctl.scoring.metrics import DEFAULT_MAX_LENGTH, mean_entropy, tokenize_for_scoring
 
 ORDERS = (1, 2, 3, 4)
@@ -197,8 +198,4 @@ def load_tokenizer(name_or_path: str) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load the tokenizer {name_or_path!r}: {first_line}") from e
+    return load_pretrained(AutoTokenizer.from_pretrained, name_or_path, "the tokenizer")

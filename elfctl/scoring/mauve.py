@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from elfctl import records
 from elfctl.data.inputs import read_inputs
 from elfctl.errors import UserError
+from elfctl.model.encoder import load_pretrained
 from elfctl.scoring.metrics import DEFAULT_MAX_LENGTH, DEFAULT_SCORER
 
 if TYPE_CHECKING:
@@ -96,14 +97,9 @@ def load_featurizer(
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModel.from_pretrained(name_or_path, dtype=torch.float32)
-    except OSError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"cannot load the MAUVE feature model {name_or_path!r}: {first_line}"
-        ) from e
+    what = "the MAUVE feature model"
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, what)
+    model = load_pretrained(AutoModel.from_pretrained, name_or_path, what, dtype=torch.float32)
     model.to(device).eval()
     return model, tokenizer
 

@@ -25,12 +25,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from elfctl.distributed import Processes, my_share
 from elfctl.errors import UserError
-from elfctl.model.encoder import looks_like_local_path
+from elfctl.model.encoder import load_pretrained
 
 if TYPE_CHECKING:  # torch and transformers are imported where they are used
     import torch
@@ -117,18 +116,13 @@ def load_scorer(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        # Else transformers takes the path for a hub id and complains about its characters.
-        raise UserError(
-            f"cannot load the scorer model {name_or_path!r}: the folder {name_or_path} does not "
-            "exist."
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-    except OSError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load the scorer model {name_or_path!r}: {first_line}") from e
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, "the scorer model")
+    model = load_pretrained(
+        AutoModelForCausalLM.from_pretrained,
+        name_or_path,
+        "the scorer model",
+        dtype=torch.float32,
+    )
     if tokenizer.eos_token is None:
         raise UserError(f"the scorer tokenizer {name_or_path!r} has no eos token to pad with.")
     tokenizer.pad_token = tokenizer.eos_token

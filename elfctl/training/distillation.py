@@ -31,11 +31,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from elfctl.config import Config, ObjectiveConfig, from_dict
+from elfctl import records
+from elfctl.config import Config, ObjectiveConfig
 from elfctl.distributed import local_device
 from elfctl.errors import UserError
 from elfctl.model import flow
-from elfctl.model.checkpoints import WEIGHTS_FILE, build_model, list_step_dirs, load_checkpoint
+from elfctl.model.checkpoints import (
+    WEIGHTS_FILE,
+    build_model,
+    list_step_dirs,
+    load_checkpoint,
+    read_config_state,
+)
 from elfctl.model.network import ELF
 from elfctl.training.objective import (
     LossParts,
@@ -440,15 +447,15 @@ class DistillTrainer(Trainer):
 
 def previous_round_weights(run_dir: Path, k: int, n_rows: int) -> dict[str, torch.Tensor]:
     """The EMA weights of round k-1's final checkpoint (which must be finished)."""
-    import yaml
     from safetensors.torch import load_file
 
     previous = round_dir(Path(run_dir).parent, k - 1)
     checkpoints = list_step_dirs(previous / "checkpoints")
     if not checkpoints or not (previous / "config.yaml").is_file():
         raise UserError(f"Round {k} starts from round {k - 1}, but {previous} holds no checkpoint.")
-    previous_cfg = from_dict(yaml.safe_load((previous / "config.yaml").read_text()))
     newest = checkpoints[-1]
+    fix = f"run round {k - 1} again (elfctl distill --round {k - 1} --resume never)."
+    previous_cfg = read_config_state(previous / "config.yaml", fix)
     step = int(newest.name.split("_")[1])
     needed = total_steps(previous_cfg, n_rows)
     if step < needed:
@@ -456,7 +463,8 @@ def previous_round_weights(run_dir: Path, k: int, n_rows: int) -> dict[str, torc
             f"Round {k - 1} in {previous} is not finished (step {step} of {needed}); "
             f"run round {k - 1} first."
         )
-    return load_file(str(newest / WEIGHTS_FILE))
+    with records.reading_state(newest / WEIGHTS_FILE, fix):
+        return load_file(str(newest / WEIGHTS_FILE))
 
 
 # ---------------------------------------------------------------------------

@@ -17,12 +17,10 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 from elfctl import records
-from elfctl.config import Config, dump_yaml, from_dict, to_dict
+from elfctl.config import Config, dump_yaml, to_dict
 from elfctl.errors import UserError
-from elfctl.model.checkpoints import list_step_dirs
+from elfctl.model.checkpoints import list_step_dirs, read_config_state
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train_log.jsonl"
@@ -75,7 +73,8 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: str) -> Path | None:
 def read_saved_config(run_dir: Path) -> Config | None:
     """The resolved config a run directory was started with, if any."""
     path = Path(run_dir) / CONFIG_FILE
-    return from_dict(yaml.safe_load(path.read_text())) if path.exists() else None
+    fix = f"restore it (it records how {run_dir} was started), or use another --run-dir."
+    return read_config_state(path, fix) if path.exists() else None
 
 
 def check_same_run(saved: Config, cfg: Config, run_dir: Path) -> None:

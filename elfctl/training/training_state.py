@@ -74,7 +74,11 @@ def read_training_state(checkpoint: Path, rank: int, world_size: int, device) ->
     `device`. A checkpoint written by another number of processes is a UserError: the data
     order would differ."""
     folder = checkpoint / STATE_DIR
-    trainer = json.loads((folder / "trainer.json").read_text())
+    fix = (
+        f"delete {checkpoint} to resume from the checkpoint before it, or pass --resume never "
+        "to start over."
+    )
+    trainer = records.read_json_state(folder / "trainer.json", fix)
     if trainer["world_size"] != world_size:
         raise UserError(
             f"{checkpoint} was written by {trainer['world_size']} processes; resume it with "
@@ -83,19 +87,24 @@ def read_training_state(checkpoint: Path, rank: int, world_size: int, device) ->
     device = local_device(device)
 
     def load(name: str, location=None):
-        return torch.load(folder / name, map_location=location, weights_only=True)
+        with records.reading_state(folder / name, fix):
+            return torch.load(folder / name, map_location=location, weights_only=True)
+
+    def load_ema():
+        with records.reading_state(checkpoint / WEIGHTS_FILE, fix):
+            return load_file(str(checkpoint / WEIGHTS_FILE), device=str(device))
 
     stream_file = folder / f"stream_rank{rank}.json"
-    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta = records.read_json_state(checkpoint / "meta.json", fix)
     return TrainingState(
         step=meta["step"],
         epoch=trainer["epoch"],
         position=trainer["position"],
         raw_weights=load("model_raw.pt", device),
-        ema_weights=load_file(str(checkpoint / WEIGHTS_FILE), device=str(device)),
+        ema_weights=load_ema(),
         optimizer=load("optimizer.pt", device),
         scheduler=load("scheduler.pt", "cpu"),
         ema_updates=load("ema_updates.pt", "cpu"),
         rng=load(f"rng_rank{rank}.pt", "cpu"),  # RNG states are CPU byte tensors
-        stream=json.loads(stream_file.read_text()) if stream_file.exists() else None,
+        stream=records.read_json_state(stream_file, fix) if stream_file.exists() else None,
     )

@@ -170,8 +170,9 @@ def main() -> None:
         if not args.no_compile:
             ratios += f", compiled {compiled / reference:.2f}x"
         print(
-            f"vs official port (its own loop, same net/batch/length/steps, fp32, 2-core CPU, "
-            f"docs/benchmarks.md): {reference} samples/s -> {ratios}"
+            f"vs a RECORDED figure, not measured in this run: the official port's {reference} "
+            f"samples/s on a quiet 2-core CPU (its own loop, same net/batch/length/steps, fp32; "
+            f"docs/benchmarks.md). On another machine this ratio means little: {ratios}"
         )
 
 

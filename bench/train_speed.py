@@ -8,7 +8,7 @@ The encoder is a randomly initialised T5 of the right width (T5-small's architec
 ELF-B), built locally: weights do not change the cost. The official PyTorch port,
 measured side by side with this script on this 2-core CPU (docs/benchmarks.md, quiet machine,
 default threads): tiny net, batch 16, length 64, AdamW: 8.3 steps/s; ELF-B, batch 4,
-length 128, AdamW: 0.270 steps/s. The "vs official" column is our steps/s over those, and
+length 128, AdamW: 0.270 steps/s. The "vs recorded" column is our steps/s over those, and
 the two steps do NOT do the same work: ours includes a real T5 encoder forward (the
 T5-small architecture for ELF-B), while the port's timing used a cheap stand-in encoder
 (an embedding lookup). A ratio below 1 therefore overstates how much slower we are.
@@ -102,9 +102,13 @@ def main() -> None:
     device = torch.device(args.device)
     print(
         f"{'size':<7}{'batch x len':>12}{'optimiser':>11}{'steps/s':>10}{'tokens/s':>11}"
-        f"{'vs official':>13}"
+        f"{'vs recorded':>13}"
     )
-    print("(vs official: our step with a real T5 encoder over the port's with a stand-in one)")
+    print(
+        "(vs recorded: our step, with a real T5 encoder, over the official port's steps/s with a "
+        "stand-in encoder RECORDED on a quiet 2-core CPU, not measured in this run: on another "
+        "machine this ratio means little)"
+    )
     for size in args.sizes:
         _, batch, length, _ = SIZES[size]
         for name in args.optimizers:

@@ -246,6 +246,9 @@ GPU_BYTES = 80e9  # an 80 GB GPU
 GPU_OVERHEAD = 2 * 1024**3  # CUDA context and allocator slack, on paper
 
 
+MIN_MEASURABLE = 64 * 2**20  # activations below this do not show in the peak RSS
+
+
 def estimate_batch_80gb(result: dict, full_length: int) -> dict:
     """The micro-batch that fits an 80 GB GPU, estimated on paper from one CPU step.
 
@@ -259,7 +262,12 @@ def estimate_batch_80gb(result: dict, full_length: int) -> dict:
     """
     params, encoder = result["parameters"], result["encoder_parameters"]
     held = (4 + 4 + 4 + 8) * params + 4 * encoder + GPU_OVERHEAD
-    per_sample = max(result["activation_bytes"], 1) * full_length / result["length"]
+    if result["activation_bytes"] < MIN_MEASURABLE:
+        # Short rows fit in memory the allocator already holds, so the peak does not move:
+        # no per-sample figure, rather than a batch of billions (docs/presets.md scales
+        # owt-b's measured activations instead).
+        return {"held_gb": held / 1e9, "per_sample_gb": None, "batch_80gb": None}
+    per_sample = result["activation_bytes"] * full_length / result["length"]
     return {
         "held_gb": held / 1e9,
         "per_sample_gb": per_sample / 1e9,

@@ -118,6 +118,32 @@ def test_sweep_with_references_adds_mauve_as_score_mauve_scores_it(tmp_path, mod
     assert row["metrics"]["mauve"]["values"] == [pytest.approx(expected)]
 
 
+def test_samplers_are_an_axis_compared_at_equal_forwards(tmp_path, model):
+    from matplotlib.image import imread
+
+    args = ["--samplers", "sde,heun", "--forwards", "3,5", "--json"]
+    result = run_sweep(model, tmp_path / "sw", *args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    cells = [(r["sampler"], r["budget"], r["steps"], r["forwards"]) for r in summary["rows"]]
+    # A Heun step costs two forwards and the last step one: 2 steps = 3, 3 steps = 5.
+    assert cells == [("sde", 3, 3, 3), ("sde", 5, 5, 5), ("heun", 3, 2, 3), ("heun", 5, 3, 5)]
+    assert summary["samplers"] == ["sde", "heun"]
+    heun = sweep.run_dir(tmp_path / "sw", 3, 0, "heun")
+    info = json.loads((heun / records.RUN_FILE).read_text())
+    assert info["sampler"]["method"] == "heun" and info["forwards"]["sampling"] == 5
+    assert info["forwards"]["total"] == 2 * (5 + 1)  # 6 samples in batches of 4, a decode each
+    alone = tmp_path / "alone"
+    sampled = invoke(
+        "sample", *common(model), "--batch-size", 4, "--steps", 3, "--sampler", "heun",
+        "--out", alone, "--cpu",
+    )  # fmt: skip
+    assert sampled.exit_code == 0, sampled.output
+    assert records.read_samples(heun) == records.read_samples(alone)
+    assert "heun" in result.stderr and "forwards" in result.stderr  # the table's columns
+    assert imread(tmp_path / "sw" / sweep.PLOT_FILE).std() > 0
+
+
 def test_an_earlier_sweep_is_kept_unless_forced(tmp_path, model):
     assert run_sweep(model, tmp_path / "sw", "--steps", "1").exit_code == 0
     again = run_sweep(model, tmp_path / "sw", "--steps", "1")
@@ -133,7 +159,10 @@ def test_an_earlier_sweep_is_kept_unless_forced(tmp_path, model):
         (["--steps", "0,4"], "at least 1"),
         (["--steps", "4,4"], "twice"),
         (["--seeds", ""], "names no values"),
-        (["--sampler", "euler"], "ode or sde"),
+        (["--sampler", "euler"], "--sampler must be ode, sde, heun"),
+        (["--samplers", "sde,euler"], "--samplers must be ode, sde, heun"),
+        (["--samplers", "sde", "--sampler", "ode"], "pass one of them"),
+        (["--forwards", "4,x"], "--forwards must be distinct integers"),
         (["--references", "nowhere.txt"], "--references not found"),
     ],
 )

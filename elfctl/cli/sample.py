@@ -100,11 +100,15 @@ def sample(
         None, "--setting", help="Named official sampling setting of the preset (default: first)."
     ),
     steps: int = typer.Option(None, "--steps", min=1, help="Sampling steps."),
-    sampler: str = typer.Option(None, "--sampler", help="ode or sde."),
+    sampler: str = typer.Option(
+        None, "--sampler", help="ode or sde (official), or heun, dpm2m... (docs/solvers.md)."
+    ),
     gamma: float = typer.Option(None, "--gamma", min=0.0, help="SDE churn."),
     sc_cfg: float = typer.Option(None, "--sc-cfg", help="Self-conditioning guidance scale."),
     cfg: float = typer.Option(None, "--cfg", help="Classifier-free guidance scale."),
-    time_schedule: str = typer.Option(None, "--time-schedule", help="uniform or logit_normal."),
+    time_schedule: str = typer.Option(
+        None, "--time-schedule", help="logit_normal (official), uniform, quantile, karras..."
+    ),
     num_samples: int = typer.Option(None, "--num-samples", min=1, help="How many samples."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Samples per forward."),
     length: int = typer.Option(None, "--length", min=1, help="Sequence length in tokens."),
@@ -176,10 +180,9 @@ def sample(
     """Sample texts from an ELF checkpoint (help text: SAMPLE_HELP)."""
     from elfctl.distributed import processes
     from elfctl.runs import SampleRequest, check_request, prepare_sample
-    from elfctl.sampling import GRIDS
+    from elfctl.sampling import GRIDS, SAMPLER_NAMES, check_schedule
 
-    check_choice("--sampler", sampler, ("ode", "sde"))
-    check_choice("--time-schedule", time_schedule, ("uniform", "logit_normal"))
+    check_choice("--sampler", sampler, SAMPLER_NAMES), check_schedule(time_schedule)
     check_precision(precision)
     check_choice("--grid", grid, GRIDS)
     request = SampleRequest(

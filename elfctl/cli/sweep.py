@@ -50,7 +50,8 @@ SWEEP_HELP = md(
         "--paper\n\n"
         "  elfctl sweep --repo runs/tiny --steps 4,8,16,32,64 --scorer ./tiny-gpt2 "
         "--references testbed:grammar/validation\n\n"
-        "  elfctl sweep --repo runs/my-run --sampler ode --seeds 0,1,2 --num-samples 200"
+        "  elfctl sweep --repo runs/my-run --sampler ode --seeds 0,1,2 --num-samples 200\n\n"
+        "  elfctl sweep --repo runs/tiny --samplers sde,heun,dpm2m --forwards 4,8,16,32"
     ),
 )
 @handle_errors
@@ -65,11 +66,21 @@ def sweep_command(
     setting: str = typer.Option(
         None, "--setting", help="Named sampling setting of the preset to start from."
     ),
-    sampler: str = typer.Option(None, "--sampler", help="ode or sde."),
+    sampler: str = typer.Option(
+        None, "--sampler", help="ode or sde (official), or heun, dpm2m... (docs/solvers.md)."
+    ),
     gamma: float = typer.Option(None, "--gamma", min=0.0, help="SDE churn."),
     sc_cfg: float = typer.Option(None, "--sc-cfg", help="Self-conditioning guidance scale."),
     cfg: float = typer.Option(None, "--cfg", help="Classifier-free guidance scale."),
-    time_schedule: str = typer.Option(None, "--time-schedule", help="uniform or logit_normal."),
+    time_schedule: str = typer.Option(
+        None, "--time-schedule", help="logit_normal (official), uniform, quantile, karras..."
+    ),
+    samplers: str = typer.Option(
+        None, "--samplers", help="Samplers as an axis, e.g. sde,heun,dpm2m (docs/solvers.md)."
+    ),
+    forwards: str = typer.Option(
+        None, "--forwards", help="Forward budgets in place of --steps, e.g. 4,8,16,32."
+    ),
     seeds: str = typer.Option("0", "--seeds", help="Seeds, comma-separated (e.g. 0,1,2,3,4,5)."),
     num_samples: int = typer.Option(
         None, "--num-samples", min=1, help="Samples per (steps, seed) (default: the setting's)."
@@ -106,19 +117,20 @@ def sweep_command(
     from elfctl.config import default_scorer, sampling_setting
     from elfctl.distributed import processes
     from elfctl.runs import apply_overrides, load_for_sampling, sweep
+    from elfctl.sampling import SAMPLER_NAMES, check_schedule
     from elfctl.scoring import Scoring, check_scorer, make_scorer
 
-    check_choice("--sampler", sampler, ("ode", "sde"))
-    check_choice("--time-schedule", time_schedule, ("uniform", "logit_normal"))
+    check_choice("--sampler", sampler, SAMPLER_NAMES), check_schedule(time_schedule)
     check_precision(precision)
-    step_counts = parse_int_list(steps, "--steps", 1, "step count")
+    step_counts, budgets, sampler_list = parse_axes(steps, forwards, samplers, sampler)
     seed_list = parse_int_list(seeds, "--seeds", 0, "seed")
     for name, option in ((scorer, "--scorer"), (mauve_model, "--mauve-model")):
         if name is not None:
             check_scorer(name, option)
     sweep.require_matplotlib()  # before hours of sampling, not after
     out_dir = out_dir or Path("outputs") / time.strftime("sweep-%Y%m%d-%H%M%S")
-    sweep.check_sweep_out_dir(out_dir, step_counts, seed_list, force)
+    cells = sweep.plan_cells(sampler or "sde", step_counts, sampler_list, budgets)
+    sweep.check_sweep_out_dir(out_dir, cells, seed_list, force)
     reference_texts = None
     if references is not None:
         from elfctl.cli.score_distribution import load_references
@@ -144,7 +156,7 @@ def sweep_command(
     check_scorer(scorer)
     kinds = ["gen_ppl"] + (["mauve"] if reference_texts is not None else [])
     console.print(
-        f"sweeping {repo}: steps {', '.join(map(str, step_counts))} x seeds "
+        f"sweeping {repo}: {sweep.describe_cells(cells)} x seeds "
         f"{', '.join(map(str, seed_list))}, {n} samples each, on {device} -> {out_dir}",
         highlight=False,
     )
@@ -178,12 +190,35 @@ def sweep_command(
         progress=progress,
         log=log,
         procs=procs,
+        samplers=sampler_list,
+        budgets=budgets,
     )
     if not procs.is_main:
         return
     png = sweep.plot(summary, out_dir / sweep.PLOT_FILE)
     report(summary, json_out)
     console.print(f"wrote {out_dir / sweep.SWEEP_FILE} and {png}", highlight=False)
+
+
+def parse_axes(
+    steps: str, forwards: str | None, samplers: str | None, sampler: str | None
+) -> tuple[list[int] | None, list[int] | None, list[str] | None]:
+    """(step counts or None, forward budgets or None, samplers or None): --forwards replaces
+    --steps; --samplers (names of the sampling registry) and --sampler exclude each other."""
+    from elfctl.sampling import SAMPLER_NAMES
+
+    if samplers is not None and sampler is not None:
+        raise UserError("--sampler sets one sampler and --samplers several: pass one of them.")
+    names = None
+    if samplers is not None:
+        names = [name.strip() for name in samplers.split(",")]
+        if len(set(names)) != len(names):
+            raise UserError(f"--samplers names a sampler twice: '{samplers}'.")
+        for name in names:
+            check_choice("--samplers", name, SAMPLER_NAMES)
+    if forwards is not None:
+        return None, parse_int_list(forwards, "--forwards", 1, "forward budget"), names
+    return parse_int_list(steps, "--steps", 1, "step count"), None, names
 
 
 def cell(entry: dict[str, Any] | None, digits: int = 2) -> str:
@@ -203,7 +238,11 @@ def report(summary: dict[str, Any], json_out: bool) -> None:
     labels = {"gen_ppl": "Gen PPL", "entropy": "entropy", "mauve": "MAUVE"}
     paper = (summary.get("paper") or {}).get("gen_ppl", {})
     table = Table(title=f"elfctl sweep: {summary.get('repo')} (scorer {summary.get('scorer')})")
+    several = len(summary.get("samplers") or []) > 1
+    if several:
+        table.add_column("sampler")
     table.add_column("steps", justify="right")
+    table.add_column("forwards", justify="right")
     table.add_column("n", justify="right")
     for name in names:
         table.add_column(labels[name], justify="right")
@@ -212,12 +251,15 @@ def report(summary: dict[str, Any], json_out: bool) -> None:
     table.add_column("wall s", justify="right")
     for row in summary["rows"]:
         cells = [cell(row["metrics"].get(name), 3 if name == "mauve" else 2) for name in names]
-        if paper:
+        if paper:  # the paper's curve is the official SDE's (one forward a step)
             value = paper.get(str(row["steps"]), paper.get(row["steps"]))
+            value = value if row.get("sampler", "sde") == "sde" else None
             cells.append("-" if value is None else f"{value:g}")
         seeds = len(row["seeds"])
         table.add_row(
+            *([row.get("sampler", "")] if several else []),
             str(row["steps"]),
+            str(row.get("forwards", row["steps"])),
             f"{row['n']} x {seeds}" if seeds > 1 else str(row["n"]),
             *cells,
             f"{row['wall_seconds']:.1f}",

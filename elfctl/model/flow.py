@@ -39,13 +39,82 @@ def time_grid(
     `uniform` is linspace; `logit_normal` is 0, N-1 sorted logit-normal draws, then 1
     (a fresh random grid each call).
     """
-    if schedule == "uniform":
-        return torch.linspace(0.0, 1.0, steps + 1, device=device)
+    if not is_random_schedule(schedule):
+        return deterministic_grid(steps, schedule, p_mean, p_std, device)
     if schedule == "logit_normal":
         inner = logit_normal((steps - 1,), p_mean, p_std, generator, device).sort().values
         ends = torch.tensor([0.0, 1.0], device=device)
         return torch.cat([ends[:1], inner, ends[1:]])
     raise ValueError(f"unknown time schedule {schedule!r}")
+
+
+# Deterministic sampling grids (docs/solvers.md), beside the official random ones. Names
+# may carry parameters after colons: "quantile:MEAN:STD", "karras:RHO".
+DETERMINISTIC_GRIDS = ("uniform", "quantile", "karras")
+RANDOM_GRIDS = ("logit_normal",)
+KARRAS_SIGMAS = (0.002, 80.0)  # EDM's sigma_min, sigma_max, in units of the noise-to-signal ratio
+
+
+def parse_schedule(name: str) -> tuple[str, tuple[float, ...]]:
+    """'quantile:-1:0.9' -> ('quantile', (-1.0, 0.9)); ValueError naming what is wrong."""
+    kind, *params = name.split(":")
+    if kind not in DETERMINISTIC_GRIDS + RANDOM_GRIDS:
+        known = ", ".join(DETERMINISTIC_GRIDS + RANDOM_GRIDS)
+        raise ValueError(f"unknown time schedule {name!r}; expected one of {known}")
+    allowed = {"quantile": 2, "karras": 1}.get(kind, 0)
+    if len(params) not in (0, allowed):
+        raise ValueError(
+            f"time schedule {name!r}: {kind} takes {allowed} parameters, not {len(params)}"
+        )
+    try:
+        values = tuple(float(p) for p in params)
+    except ValueError:
+        raise ValueError(f"time schedule {name!r}: its parameters must be numbers") from None
+    if kind == "quantile" and values and values[1] <= 0:
+        raise ValueError(f"time schedule {name!r}: the quantile grid's STD must be positive")
+    if kind == "karras" and values and values[0] <= 0:
+        raise ValueError(f"time schedule {name!r}: the karras grid's RHO must be positive")
+    return kind, values
+
+
+def is_random_schedule(name: str) -> bool:
+    """Whether a schedule draws its grid (and so takes normals from the random streams)."""
+    return parse_schedule(name)[0] in RANDOM_GRIDS
+
+
+def deterministic_grid(
+    steps: int, schedule: str, p_mean: float = -1.5, p_std: float = 0.8, device=None
+) -> torch.Tensor:
+    """N steps -> the N+1 times of a deterministic grid, from 0 to 1.
+
+    uniform         linspace.
+    quantile        0, the i/N quantiles (i = 1..N-1) of the logit-normal(MEAN, STD) law,
+                    then 1: the official random grid's law without its randomness
+                    (MEAN, STD default to the training p_mean, p_std).
+    karras          0, EDM's rho grid (rho 7 unless given) of sigma = (1 - t) / t (the
+                    noise coefficient over the data coefficient, noise scale left out)
+                    from 80 down to 0.002, mapped back by t = 1 / (1 + sigma), then 1.
+    """
+    kind, params = parse_schedule(schedule)
+    if kind == "uniform":
+        return torch.linspace(0.0, 1.0, steps + 1, device=device)
+    if kind == "quantile":
+        mean, std = params or (p_mean, p_std)
+        q = torch.arange(1, steps, dtype=torch.float64) / steps
+        normal = torch.distributions.Normal(0.0, 1.0).icdf(q)
+        inner = torch.sigmoid(normal * std + mean)
+    elif kind == "karras":
+        rho = params[0] if params else 7.0
+        lo, hi = (v ** (1 / rho) for v in KARRAS_SIGMAS)
+        ramp = torch.linspace(0.0, 1.0, steps - 1, dtype=torch.float64) if steps > 2 else None
+        ramp = ramp if ramp is not None else torch.full((steps - 1,), 0.5, dtype=torch.float64)
+        sigma = (hi + ramp * (lo - hi)) ** rho
+        inner = 1 / (1 + sigma)
+    else:
+        raise ValueError(f"{schedule!r} is not a deterministic time schedule")
+    ends = torch.tensor([0.0], dtype=torch.float64)
+    grid = torch.cat([ends, inner, ends + 1.0])
+    return grid.to(device=device, dtype=torch.get_default_dtype())
 
 
 def time_grids(
@@ -63,10 +132,9 @@ def time_grids(
     sorted sigmoid(p_mean + p_std * draws[r]), then 1 (what `time_grid` draws, one per
     row). `uniform` ignores them: every row is linspace.
     """
-    if schedule == "uniform":
-        return torch.linspace(0.0, 1.0, steps + 1, device=device).expand(rows, -1).contiguous()
-    if schedule != "logit_normal":
-        raise ValueError(f"unknown time schedule {schedule!r}")
+    if not is_random_schedule(schedule):
+        grid = deterministic_grid(steps, schedule, p_mean, p_std, device)
+        return grid.expand(rows, -1).contiguous()
     inner = torch.sigmoid(inner_draws * p_std + p_mean).sort(dim=-1).values
     zeros = torch.zeros(inner.shape[0], 1, device=inner.device)
     return torch.cat([zeros, inner, zeros + 1.0], dim=-1)
@@ -80,7 +148,12 @@ def add_noise(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, s: float) -> 
 
 def velocity(x_hat: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_eps: float) -> torch.Tensor:
     """v = (x_hat - z) / max(1 - t, t_eps): the velocity implied by an x-prediction."""
-    return (x_hat - z) / (1 - _rows(t, z)).clamp_min(t_eps)
+    return (x_hat - z) / velocity_scale(t, z, t_eps)
+
+
+def velocity_scale(t: torch.Tensor, like: torch.Tensor, t_eps: float) -> torch.Tensor:
+    """max(1 - t, t_eps), shaped to broadcast against `like`: v's denominator."""
+    return (1 - _rows(t, like)).clamp_min(t_eps)
 
 
 def ode_step(z: torch.Tensor, v: torch.Tensor, t, t_next) -> torch.Tensor:

@@ -50,6 +50,8 @@ from elfctl.sampling.prompting import (
     layouts_for,
 )
 from elfctl.sampling.sampler import SamplerSettings, detokenize, sample_batch, setting_kwargs
+from elfctl.sampling.solvers import check_setting, forwards_for
+from elfctl.sampling.trajectory import recorded_steps
 from elfctl.version import __version__
 
 
@@ -202,6 +204,7 @@ class SampleJob:
         are discarded when `run` starts).
         """
         device = next(loaded.model.parameters()).device
+        check_setting(self.setting.method, self.setting.time_schedule)
         self._layouts(loaded)  # prompts and templates must fit before anything is written
         unfinished = Path(out_dir) / UNFINISHED_DIR
         done: set[int] = set()
@@ -424,6 +427,26 @@ class SampleJob:
             info["trajectory"] = {"k": self.trajectory}
         return info
 
+    def forwards(self, plan: SamplePlan | None = None) -> dict:
+        """Network forwards: per sample (the sampler's true count, the decode, one decode per
+        trajectory frame) and in all for the batches this session sampled. A CFG pair run
+        as one forward of twice the rows counts once."""
+        sampling = forwards_for(self.setting.method, self.setting.steps)
+        frames = len(recorded_steps(self.setting.steps, self.trajectory)) if self.trajectory else 0
+        per_batch = sampling + 1 + frames
+        if plan is not None:
+            batches = len(plan.pending)
+        else:
+            batches = -(-self.num_samples // self.batch_size)
+        return {
+            "sampling": sampling,
+            "decode": 1,
+            "trajectory": frames,
+            "per_batch": per_batch,
+            "batches": batches,
+            "total": per_batch * batches,
+        }
+
     def precision_for(self, loaded: LoadedModel) -> Precision:
         """The precision this job samples in: `precision.resolve_sampling` of --precision
         and the model config's train.gpu_precision, on the model's device."""
@@ -492,6 +515,7 @@ class SampleJob:
                 "noise_scale": self.setting.noise_scale,
                 "setting": self.setting.name,
             },
+            "forwards": self.forwards(plan),
             "grid": self.grid,
             "num_samples": self.num_samples,
             "length": self.length,

@@ -1,4 +1,5 @@
-"""Sampling: the solver loop, guidance, prompting, conditions, random streams, trajectories."""
+"""Sampling: the solver loop and its step rules (solvers), guidance, prompting, conditions,
+random streams, trajectories."""
 
 from __future__ import annotations
 
@@ -35,6 +36,16 @@ from elfctl.sampling.sampler import (
     setting_kwargs,
     shift_condition,
 )
+from elfctl.sampling.solvers import (
+    SAMPLER_NAMES,
+    SOLVERS,
+    Solver,
+    check_sampler,
+    check_schedule,
+    check_setting,
+    forwards_for,
+    solver,
+)
 from elfctl.sampling.trajectory import TrajectoryRecorder, frame_changes, recorded_steps
 
 __all__ = [
@@ -42,6 +53,9 @@ __all__ = [
     "ENCODINGS",
     "GRIDS",
     "Generation",
+    "SAMPLER_NAMES",
+    "SOLVERS",
+    "Solver",
     "HOLDS",
     "KnownTokens",
     "Layout",
@@ -50,11 +64,15 @@ __all__ = [
     "TrajectoryRecorder",
     "autocast_context",
     "check_fits",
+    "check_sampler",
+    "check_schedule",
+    "check_setting",
     "condition_batch",
     "count_truncated",
     "decode",
     "detokenize",
     "encode_conditions",
+    "forwards_for",
     "frame_changes",
     "generate",
     "known_tokens",
@@ -70,4 +88,5 @@ __all__ = [
     "sample_latents",
     "setting_kwargs",
     "shift_condition",
+    "solver",
 ]

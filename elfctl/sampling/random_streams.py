@@ -2,7 +2,7 @@
 
 Each sample draws its initial noise, its time grid and its churn noise from a
 `torch.Generator` seeded by `sample_key(seed, id)`, in a fixed order: the noise (S, C),
-then the grid's N-1 normals (logit-normal grids only), then one (S, C) churn draw per SDE
+then the grid's N-1 normals (random grids only: logit-normal), then one (S, C) churn draw per SDE
 step but the last. So a sample is a function of (seed, id, sampling settings) only:
 not of the batch size, the number of processes, or which process drew it.
 
@@ -76,8 +76,8 @@ class SampleStreams:
     def time_grids(self, steps: int, schedule: str, p_mean: float, p_std: float) -> torch.Tensor:
         """(B, N+1) time grids: each sample's own, or one per batch with grid="per-batch"."""
         B = len(self.generators)
-        if schedule == "uniform":
-            return flow.time_grids(steps, schedule, None, device=self.device, rows=B)
+        if not flow.is_random_schedule(schedule):
+            return flow.time_grids(steps, schedule, None, p_mean, p_std, self.device, B)
         if self.grid == "per-batch":
             draws = torch.randn(steps - 1, generator=self.grid_generator, device=self.device)
             draws = draws.expand(B, -1)

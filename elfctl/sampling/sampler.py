@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from elfctl.model import flow
+from elfctl.sampling import solvers
 from elfctl.sampling.conditions import Condition
 from elfctl.sampling.prompting import (
     DEFAULT_ENCODING,
@@ -29,7 +30,7 @@ from elfctl.sampling.trajectory import TrajectoryRecorder
 @dataclass
 class SamplerSettings:
     steps: int = 32
-    method: str = "sde"  # "ode" | "sde"
+    method: str = "sde"  # a name in solvers.SOLVERS ("ode", "sde": the official ones)
     gamma: float = 1.5
     sc_cfg: float = 3.0
     cfg: float = 1.0
@@ -133,18 +134,22 @@ def sample_latents(
     condition: Condition | None = None,
     known=None,
     recorder: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    forwards: list[int] | None = None,
 ) -> torch.Tensor:
     """Integrate from z = s * noise at t = 0 to t = 1; returns the final z (B, S, C).
 
-    All steps but the last use the chosen method; the last is always an ODE step.
+    All steps but the last use the chosen method (`solvers.SOLVERS`); the last is always
+    an ODE (Euler) step.
     `generator` is where the time grid and the churn noise come from: a
     `streams.SampleStreams` (each sample its own stream, so its own grid), or one
     torch.Generator for the whole batch (the official port's draws: one grid per batch).
     `known` (a `prompting.KnownTokens`) holds known tokens wherever z or x_hat is set;
-    `recorder(step, t, x_hat)` is called after every step (see `trajectory`).
+    `recorder(step, t, x_hat)` is called after every step with the step's last prediction
+    and its time (see `trajectory`); `forwards`, a list, gets the forwards the loop made.
     """
     device, B = noise.device, noise.shape[0]
     s, t_eps = settings.noise_scale, model.cfg.t_eps
+    rule = solvers.solver(settings.method)
     draws = generator if isinstance(generator, SampleStreams) else BatchStream(generator, B, device)
     grids = draws.time_grids(
         settings.steps, settings.time_schedule, settings.p_mean, settings.p_std
@@ -156,25 +161,28 @@ def sample_latents(
         z = restore(z, condition)
         return z if known is None else known.apply(z, t, noise, s)
 
-    z = hold(s * noise, times[0])
-    x_prev = restore(torch.zeros_like(z), condition)
-    x_prev = x_prev if known is None else known.x_hat(x_prev)
-    for i in range(settings.steps):
-        t, t_next = times[i], times[i + 1]
-        if settings.method == "sde" and i < settings.steps - 1:
-            eps = draws.normal(z.shape[1:])
-            z, t = flow.sde_back(z, t, t_next, settings.gamma, s, eps)
-            z = hold(z, t)
-        elif settings.method not in ("sde", "ode"):
-            raise ValueError(f"unknown sampler {settings.method!r}")
+    def evaluate(z, x_prev, t):
         x_hat, v = denoise(model, z, x_prev, t, sc_scale, settings.cfg, condition, t_eps)
-        if known is not None:
-            x_hat = known.x_hat(x_hat)
-        z = hold(flow.ode_step(z, v, t, t_next), t_next)
-        x_prev = x_hat
+        return (x_hat, v) if known is None else (known.x_hat(x_hat), v)
+
+    def churn(z, t, t_next):
+        eps = draws.normal(z.shape[1:])
+        z, t_back = flow.sde_back(z, t, t_next, settings.gamma, s, eps)
+        return hold(z, t_back), t_back
+
+    stepper = solvers.Stepper(evaluate, hold, churn, t_eps, s)
+    x_prev = restore(torch.zeros_like(noise), condition)
+    x_prev = x_prev if known is None else known.x_hat(x_prev)
+    state = solvers.State(hold(s * noise, times[0]), x_prev)
+    for i in range(settings.steps):
+        # Every step but the last uses the chosen rule; the last is always one Euler step.
+        step = rule.step if i < settings.steps - 1 else solvers.euler
+        state = step(stepper, state, times[i], times[i + 1])
         if recorder is not None:
-            recorder(i, t, x_hat)
-    return z
+            recorder(i, state.t_prev, state.x_prev)
+    if forwards is not None:
+        forwards.append(stepper.forwards)
+    return state.z
 
 
 @torch.no_grad()

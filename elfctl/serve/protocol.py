@@ -14,6 +14,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
+from elfctl.sampling import SAMPLER_NAMES
+
 # Accepted so that existing clients work; they mean nothing to a flow model.
 IGNORED = (
     "temperature",
@@ -202,8 +204,10 @@ def _check_ignored(body: dict) -> list[str]:
 
 def _sampling(body: dict, defaults: Sampling, limits: Limits) -> Sampling:
     method = body.get("sampler", defaults.method)
-    if method not in ("ode", "sde"):
-        raise RequestError(f"'sampler' must be 'ode' or 'sde', got {method!r}.", "sampler")
+    if method not in SAMPLER_NAMES:
+        raise RequestError(
+            f"'sampler' must be one of {', '.join(SAMPLER_NAMES)}, got {method!r}.", "sampler"
+        )
     return Sampling(
         steps=_int(body, "steps", defaults.steps, 1, limits.max_steps),
         method=method,

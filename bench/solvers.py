@@ -136,9 +136,11 @@ def quality(args) -> None:
     base = sampling_setting(loaded.config, args.setting)
     sources = references = prompts = None
     if translate:
-        from elfctl.data import read_inputs
+        from elfctl.data import read_condition_inputs
 
-        sources, references = read_inputs("testbed:translate/validation", limit=args.num_samples)
+        sources, references = read_condition_inputs(
+            "testbed:translate/validation", limit=args.num_samples
+        )
     if args.task == "prompt":
         prompts = prompts_for(args.num_samples)
     scorers = Scorers(args.task, args.mauve, args.num_samples)

@@ -3,7 +3,7 @@
 Trains the `tiny-translate` preset on this machine's CPU (capped at --minutes of wall
 time), or takes an existing run with --run-dir, then samples the first --rows sources of
 `testbed:translate/validation` through the same library path as
-`elfctl sample --input` (read_inputs -> SampleJob with conditions), once per sampling
+`elfctl sample --input` (read_condition_inputs -> SampleJob with conditions), once per sampling
 setting of the preset (ODE-64, SC-CFG 1, CFG 2 and CFG 1), and scores sacreBLEU against
 the references. It also counts the network forwards per sampling step (CFG batches its
 two branches into one forward of twice the rows) and reports, beside BLEU, the share of
@@ -58,13 +58,13 @@ class ForwardCounter:
 
 def evaluate(run_dir: Path, rows: int, out_root: Path, seed: int) -> list[dict]:
     from elfctl import records
-    from elfctl.data import read_inputs
+    from elfctl.data import read_condition_inputs
     from elfctl.runs import SampleJob, load_for_sampling
     from elfctl.scoring import score_bleu
     from elfctl.testbed.translate import target_accepts
 
     loaded = load_for_sampling(str(run_dir), with_encoder=True)
-    sources, references = read_inputs("testbed:translate/validation", limit=rows)
+    sources, references = read_condition_inputs("testbed:translate/validation", limit=rows)
     results = []
     for setting in sorted(loaded.config.sampling, key=lambda s: s.cfg):
         job = SampleJob(

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from elfctl.cli import app
 from elfctl.config import resolve
-from elfctl.data import collate, read_input_rows, read_inputs
+from elfctl.data import collate, read_condition_inputs, read_condition_rows
 from elfctl.errors import UserError
 from elfctl.model import ELF, encoder_pair_mask, save_model_checkpoint
 from elfctl.runs import load_for_sampling
@@ -179,9 +179,9 @@ def test_jsonl_sources_keep_order_and_optional_references(tmp_path):
         tmp_path / "s.jsonl",
         [{"src": "a", "ref": "x"}, {"src": "b"}, {"src": "c", "ref": None}, {"src": "d"}],
     )
-    sources, references = read_inputs(str(file), "src", "ref")
+    sources, references = read_condition_inputs(str(file), "src", "ref")
     assert sources == ["a", "b", "c", "d"] and references == ["x", None, None, None]
-    assert read_inputs(str(file), "src", "ref", limit=2) == (["a", "b"], ["x", None])
+    assert read_condition_inputs(str(file), "src", "ref", limit=2) == (["a", "b"], ["x", None])
 
 
 @pytest.mark.parametrize(
@@ -198,13 +198,16 @@ def test_malformed_jsonl_sources_name_file_and_line(tmp_path, line, complaint):
     file = tmp_path / "bad.jsonl"
     file.write_text('{"input": "fine"}\n' + line + "\n")
     with pytest.raises(UserError, match=f"bad.jsonl, {complaint}"):
-        read_inputs(str(file))
+        read_condition_inputs(str(file))
 
 
 def test_text_file_gives_one_source_per_line_without_references(tmp_path):
     file = tmp_path / "s.txt"
     file.write_text("first source\n\n  second source  \nthird\n")
-    assert read_inputs(str(file)) == (["first source", "second source", "third"], [None] * 3)
+    assert read_condition_inputs(str(file)) == (
+        ["first source", "second source", "third"],
+        [None] * 3,
+    )
 
 
 def test_save_to_disk_folder_picks_the_validation_split_or_the_named_one(tmp_path):
@@ -214,12 +217,15 @@ def test_save_to_disk_folder_picks_the_validation_split_or_the_named_one(tmp_pat
         return Dataset.from_dict({"input": [f"{prefix}{i}" for i in range(3)], "target": ["r"] * 3})
 
     DatasetDict({"train": split("t"), "validation": split("v")}).save_to_disk(tmp_path / "dd")
-    assert read_inputs(str(tmp_path / "dd"))[0] == ["v0", "v1", "v2"]
-    assert read_inputs(str(tmp_path / "dd"), split="train", limit=2) == (["t0", "t1"], ["r", "r"])
+    assert read_condition_inputs(str(tmp_path / "dd"))[0] == ["v0", "v1", "v2"]
+    assert read_condition_inputs(str(tmp_path / "dd"), split="train", limit=2) == (
+        ["t0", "t1"],
+        ["r", "r"],
+    )
     with pytest.raises(UserError, match="no split 'test'"):
-        read_inputs(str(tmp_path / "dd"), split="test")
+        read_condition_inputs(str(tmp_path / "dd"), split="test")
     with pytest.raises(UserError, match="no source column 'text'"):
-        read_inputs(str(tmp_path / "dd"), source_field="text")
+        read_condition_inputs(str(tmp_path / "dd"), source_field="text")
 
 
 def test_a_folder_of_data_files_loads_through_load_dataset(tmp_path):
@@ -227,25 +233,25 @@ def test_a_folder_of_data_files_loads_through_load_dataset(tmp_path):
     folder = tmp_path / "repo"
     folder.mkdir()
     write_jsonl(folder / "test.jsonl", [{"input": "x", "target": "y"}, {"input": "z"}])
-    assert read_inputs(str(folder)) == (["x", "z"], ["y", None])
+    assert read_condition_inputs(str(folder)) == (["x", "z"], ["y", None])
 
 
 def test_the_test_bed_validation_set_reads_with_its_references():
     from elfctl.testbed.translate import translate
 
-    sources, references = read_inputs("testbed:translate/validation", limit=4)
+    sources, references = read_condition_inputs("testbed:translate/validation", limit=4)
     assert len(sources) == 4 and references == [translate(s) for s in sources]
 
 
 def test_missing_and_unsupported_inputs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        read_inputs(str(tmp_path / "nothing.jsonl"))
+        read_condition_inputs(str(tmp_path / "nothing.jsonl"))
     (tmp_path / "s.csv").write_text("a,b\n")
     with pytest.raises(UserError, match="Unsupported --input file"):
-        read_inputs(str(tmp_path / "s.csv"))
+        read_condition_inputs(str(tmp_path / "s.csv"))
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(UserError, match="holds no sources"):
-        read_inputs(str(tmp_path / "empty.txt"))
+        read_condition_inputs(str(tmp_path / "empty.txt"))
 
 
 # ---------------------------------------------------------------------------
@@ -474,21 +480,21 @@ def test_dataset_condition_ids_are_read_as_they_are(word_tokenizer, tmp_path):
     Dataset.from_dict(
         {"input": ["the cat", "a dog"], "target": ["x", "y"], "condition_input_ids": [[7], [9, 3]]}
     ).save_to_disk(str(tmp_path / "ids"))
-    rows = read_input_rows(str(tmp_path / "ids"))
+    rows = read_condition_rows(str(tmp_path / "ids"))
     assert rows.texts == ["the cat", "a dog"] and rows.token_ids == [[7], [9, 3]]
     # The stored ids, not the text, fill the condition positions.
     batch = condition_batch(word_tokenizer, rows.texts, 4, 2, token_ids=rows.token_ids)
     assert batch["input_ids"].tolist() == [[7, 1, 1, 1], [9, 3, 1, 1]]
     text_only = condition_batch(word_tokenizer, rows.texts, 4, 2)
     assert text_only["input_ids"].tolist() == [[3, 5, 1, 1], [4, 6, 1, 1]]
-    assert read_input_rows(str(write_jsonl(tmp_path / "s.jsonl", SOURCES))).token_ids == [
+    assert read_condition_rows(str(write_jsonl(tmp_path / "s.jsonl", SOURCES))).token_ids == [
         None
     ] * len(SOURCES)
     Dataset.from_dict({"input": ["a"], "condition_input_ids": [["x"]]}).save_to_disk(
         str(tmp_path / "bad")
     )
     with pytest.raises(UserError, match="'condition_input_ids' must be a list of token ids"):
-        read_input_rows(str(tmp_path / "bad"))
+        read_condition_rows(str(tmp_path / "bad"))
     with pytest.raises(UserError, match="outside the tokenizer's 18 entries"):
         condition_batch(word_tokenizer, ["the"], 4, 2, token_ids=[[3, 99]])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from elfctl.data.inputs import check_input_exists, read_input_rows, read_inputs
+from elfctl.data.inputs import check_input_exists, read_condition_inputs, read_condition_rows
 from elfctl.data.pipeline import MANIFEST, packed_stream
 from elfctl.data.rows import (
     Collator,
@@ -30,6 +30,6 @@ __all__ = [
     "load_rows",
     "load_corpus",
     "packed_stream",
-    "read_input_rows",
-    "read_inputs",
+    "read_condition_rows",
+    "read_condition_inputs",
 ]

@@ -1,6 +1,6 @@
 """Conditioning inputs: the sources of conditional sampling, read from files or datasets.
 
-`read_inputs` turns what the user gives `elfctl sample --input` into source texts (and
+`read_condition_inputs` turns what the user gives `elfctl sample --input` into source texts (and
 their references, when known), in input order:
 
   .jsonl file          one JSON object per non-blank line: `source_field` (required, a
@@ -15,7 +15,7 @@ their references, when known), in input order:
 Dataset rows read the same two fields; the official pre-tokenized evaluation sets keep
 their raw text in `input` (source) and `target` (reference), and the token ids the model is
 conditioned on in `condition_input_ids`. Those ids are what the official evaluation feeds
-the model, and re-tokenizing the text need not give them back, so `read_input_rows` keeps
+the model, and re-tokenizing the text need not give them back, so `read_condition_rows` keeps
 a row's `condition_input_ids` and encoding uses them as they are; only rows without them
 (files, datasets without the column) are tokenized from their text.
 Encoding them for the model is `elfctl.sampling.conditions`.
@@ -58,7 +58,7 @@ class ConditionInputs:
 # Reading sources
 
 
-def read_inputs(
+def read_condition_inputs(
     input: str,
     source_field: str = "input",
     reference_field: str = "target",
@@ -71,7 +71,7 @@ def read_inputs(
     References are None where the input has none. `limit` keeps the first rows only.
     `option` is the command-line option named in error messages.
     """
-    rows = read_input_rows(input, source_field, reference_field, split, limit, option)
+    rows = read_condition_rows(input, source_field, reference_field, split, limit, option)
     return rows.texts, rows.references
 
 
@@ -83,7 +83,7 @@ def check_input_exists(input: str, option: str = "--input") -> None:
         raise UserError(f"{option} not found: {input}.")
 
 
-def read_input_rows(
+def read_condition_rows(
     input: str,
     source_field: str = "input",
     reference_field: str = "target",
@@ -91,7 +91,7 @@ def read_input_rows(
     limit: int | None = None,
     option: str = "--input",
 ) -> ConditionInputs:
-    """`read_inputs`, plus each dataset row's `condition_input_ids` where it has them."""
+    """`read_condition_inputs`, plus each dataset row's `condition_input_ids` where it has them."""
     check_input_exists(input, option)
     if input.startswith("testbed:"):
         path = Path(resolve_testbed_uri(input))

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from elfctl import records
 from elfctl.config import Config, SamplingSetting, describe_sampler, resolve, sampling_setting
-from elfctl.data.inputs import ConditionInputs, read_input_rows
+from elfctl.data.inputs import ConditionInputs, read_condition_rows
 from elfctl.distributed import Processes
 from elfctl.errors import UserError
 from elfctl.runs.sample_job import LoadedModel, SampleJob, load_for_sampling
@@ -235,7 +235,7 @@ def validation_pairs(config: Config, n: int) -> ConditionInputs:
             f"Preset '{config.name}' is conditional but names no data.validation set to "
             "condition on."
         )
-    inputs = read_input_rows(
+    inputs = read_condition_rows(
         data.validation,
         source_field=data.source_field,
         reference_field=data.target_field,

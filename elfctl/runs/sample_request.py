@@ -18,7 +18,7 @@ from typing import Any
 
 from elfctl import records
 from elfctl.config import SamplingSetting, sampling_setting
-from elfctl.data.inputs import check_input_exists, read_input_rows
+from elfctl.data.inputs import check_input_exists, read_condition_rows
 from elfctl.errors import UserError
 from elfctl.runs.sample_job import LoadedModel, SampleJob, load_for_sampling
 from elfctl.sampling import count_truncated
@@ -152,7 +152,9 @@ def _conditional(
         split = data.validation_split  # the preset's own evaluation set
     source_field = request.source_field or data.source_field
     reference_field = request.reference_field or data.target_field
-    rows = read_input_rows(request.input, source_field, reference_field, split, request.num_samples)
+    rows = read_condition_rows(
+        request.input, source_field, reference_field, split, request.num_samples
+    )
     n = len(rows.texts)
     job = SampleJob(
         setting=chosen,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from elfctl import records
-from elfctl.data.inputs import read_inputs
+from elfctl.data.inputs import read_condition_inputs
 from elfctl.errors import UserError
 from elfctl.model.encoder import load_pretrained
 from elfctl.scoring.metrics import DEFAULT_MAX_LENGTH, DEFAULT_SCORER
@@ -81,7 +81,9 @@ def read_references(
     ):
         texts = [row["text"] for row in records.read_samples(path)][:limit]
     else:
-        texts, _ = read_inputs(references, field, field, split, limit, option="--references")
+        texts, _ = read_condition_inputs(
+            references, field, field, split, limit, option="--references"
+        )
     if not any(text.strip() for text in texts):
         raise UserError(f"--references {references} holds no non-empty texts.")
     return texts

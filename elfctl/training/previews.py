@@ -15,7 +15,7 @@ import torch
 
 from elfctl import records
 from elfctl.config import Config
-from elfctl.data.inputs import read_input_rows
+from elfctl.data.inputs import read_condition_rows
 from elfctl.model.network import ELF
 from elfctl.sampling.conditions import encode_conditions
 from elfctl.sampling.sampler import generate, setting_kwargs
@@ -75,7 +75,7 @@ class Previews:
         if not data.conditional or not data.validation:
             return None, None, None
         if self._conditions is None:
-            rows = read_input_rows(
+            rows = read_condition_rows(
                 data.validation,
                 data.source_field,
                 data.target_field,

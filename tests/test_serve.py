@@ -258,12 +258,24 @@ def test_a_client_leaving_mid_stream_frees_its_rows_and_the_batch_finishes_for_o
     with running(loaded, window_ms=1000, max_batch=8) as (base, srv):
         expected = texts(post(base, slow))
         other: list = []
-        thread = threading.Thread(target=lambda: other.append(post(base, slow)))
-        thread.start()
-        events = stream_events(base, {**slow, "seed": 8, "stream": True}, stop_after=1)
-        assert "elf" in events[0]["choices"][0]  # it left after its first frame
-        thread.join(TIMEOUT)
+        rows: list[int] = []  # the rows of each forward of the shared batch
+        hook = loaded.model.register_forward_pre_hook(
+            lambda m, a, k: rows.append(a[0].shape[0]), with_kwargs=True
+        )
+        try:
+            thread = threading.Thread(target=lambda: other.append(post(base, slow)))
+            thread.start()
+            events = stream_events(base, {**slow, "seed": 8, "stream": True}, stop_after=1)
+            assert "elf" in events[0]["choices"][0]  # it left after its first frame
+            thread.join(TIMEOUT)
+        finally:
+            hook.remove()
         assert texts(other[0]) == expected
+        # Its row was freed mid-trajectory: the batch went on with one row, not two.
+        assert srv.engine.freed_rows == 1
+        assert httpx.get(f"{base}/health", timeout=TIMEOUT).json()["freed_rows"] == 1
+        assert rows[0] == 2 and rows[-1] == 1
+        assert rows.count(2) < 64 // 2 + 1  # left at its first frame (step 16 of 64)
         # A job whose client leaves before its batch starts (the 1 s window) is dropped.
         stats = srv.batcher.stats
         dropped, rows = stats.dropped, stats.rows

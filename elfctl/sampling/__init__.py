@@ -1,5 +1,5 @@
 """Sampling: the solver loop and its step rules (solvers), guidance, prompting, conditions,
-random streams, trajectories."""
+random streams, trajectories, rows that leave a batch."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from elfctl.sampling.conditions import (
     count_truncated,
     encode_conditions,
 )
+from elfctl.sampling.live_rows import LiveRows
 from elfctl.sampling.prompting import (
     ENCODINGS,
     HOLDS,
@@ -59,6 +60,7 @@ __all__ = [
     "HOLDS",
     "KnownTokens",
     "Layout",
+    "LiveRows",
     "SampleStreams",
     "SamplerSettings",
     "TrajectoryRecorder",

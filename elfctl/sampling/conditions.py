@@ -32,6 +32,12 @@ class Condition:
     lengths: torch.Tensor  # (B,) kept condition length per row
     max_input_length: int  # the condition budget; outputs have max_length - this tokens
 
+    def select(self, index: torch.Tensor) -> Condition:
+        """The conditions of rows `index` only."""
+        return Condition(
+            self.latents[index], self.mask[index], self.lengths[index], self.max_input_length
+        )
+
 
 def condition_token_ids(
     tokenizer, sources: list[str], token_ids: list[list[int] | None] | None = None

@@ -221,6 +221,12 @@ class KnownTokens:
         after = (is_eos & tail).cumsum(dim=-1) > 0
         return tokens.masked_fill(after | (is_eos & ~tail), pad_id)
 
+    def select(self, index: torch.Tensor) -> KnownTokens:
+        """The known tokens of rows `index` only."""
+        return KnownTokens(
+            self.ids[index], self.mask[index], self.latents[index], self.end[index], self.hold
+        )
+
     def slice(self, start: int, stop: int, device=None) -> KnownTokens:
         return KnownTokens(
             ids=self.ids[start:stop].to(device),

@@ -20,6 +20,7 @@ and noise drawn for all rows at once). The sampler accepts either.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 
@@ -71,6 +72,14 @@ class SampleStreams:
         out = torch.empty(len(self.generators), *shape, device=self.device)
         for row, generator in enumerate(self.generators):
             torch.randn(tuple(shape), generator=generator, device=self.device, out=out[row])
+        return out
+
+    def select(self, rows: Sequence[int]) -> SampleStreams:
+        """The streams of `rows` (positions in this batch) only, each where it stands: a row
+        that stays draws exactly what it would have drawn beside the others."""
+        out = copy.copy(self)
+        out.ids = [self.ids[r] for r in rows]
+        out.generators = [self.generators[r] for r in rows]
         return out
 
     def time_grids(self, steps: int, schedule: str, p_mean: float, p_std: float) -> torch.Tensor:

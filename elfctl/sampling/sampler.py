@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from elfctl.model import flow
 from elfctl.sampling import solvers
 from elfctl.sampling.conditions import Condition
+from elfctl.sampling.live_rows import LiveRows
 from elfctl.sampling.prompting import (
     DEFAULT_ENCODING,
     DEFAULT_HOLD,
@@ -65,8 +66,9 @@ class Generation:
 class BatchSamples:
     """One batch's output ids, and its trajectories when they were recorded."""
 
-    tokens: list[list[int]]
+    tokens: list[list[int]]  # per row; [] for a row that left
     trajectories: list[dict] | None = None  # per row {"steps", "t", "tokens"}
+    left: list[int] = field(default_factory=list)  # rows that left before the end
 
 
 def autocast_context(device: torch.device, precision: str | None):
@@ -135,6 +137,7 @@ def sample_latents(
     known=None,
     recorder: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     forwards: list[int] | None = None,
+    live: LiveRows | None = None,
 ) -> torch.Tensor:
     """Integrate from z = s * noise at t = 0 to t = 1; returns the final z (B, S, C).
 
@@ -146,11 +149,15 @@ def sample_latents(
     `known` (a `prompting.KnownTokens`) holds known tokens wherever z or x_hat is set;
     `recorder(step, t, x_hat)` is called after every step with the step's last prediction
     and its time (see `trajectory`); `forwards`, a list, gets the forwards the loop made.
+    `live` (per-sample streams only) drops rows no longer wanted before each step; the
+    result then holds the rows of `live.rows`, and the recorder sees those rows only.
     """
     device, B = noise.device, noise.shape[0]
     s, t_eps = settings.noise_scale, model.cfg.t_eps
     rule = solvers.solver(settings.method)
     draws = generator if isinstance(generator, SampleStreams) else BatchStream(generator, B, device)
+    if live is not None and not isinstance(draws, SampleStreams):
+        raise ValueError("rows can leave a batch only when each row has its own stream")
     grids = draws.time_grids(
         settings.steps, settings.time_schedule, settings.p_mean, settings.p_std
     )
@@ -175,6 +182,19 @@ def sample_latents(
     x_prev = x_prev if known is None else known.x_hat(x_prev)
     state = solvers.State(hold(s * noise, times[0]), x_prev)
     for i in range(settings.steps):
+        keep = live.update() if live is not None else None
+        if keep is not None:
+            # The closures above read these names when called, so from here on every
+            # forward, hold and churn is made for the rows that stay.
+            index = torch.tensor(keep, device=device, dtype=torch.long)
+            noise, sc_scale, times = noise[index], sc_scale[index], times[:, index]
+            condition = condition.select(index) if condition is not None else None
+            known = known.select(index) if known is not None else None
+            draws = draws.select(keep)
+            t_prev = state.t_prev[index] if state.t_prev is not None else None
+            state = solvers.State(state.z[index], state.x_prev[index], t_prev)
+            if not keep:
+                break  # every row left
         # Every step but the last uses the chosen rule; the last is always one Euler step.
         step = rule.step if i < settings.steps - 1 else solvers.euler
         state = step(stepper, state, times[i], times[i + 1])
@@ -358,6 +378,7 @@ def sample_batch(
     known=None,
     trajectory: int = 0,
     on_frame: Callable[[list[list[int]]], None] | None = None,
+    wanted: Callable[[], Sequence[bool]] | None = None,
 ) -> BatchSamples:
     """The token ids of samples `ids` (one batch): sample_latents -> decode -> cut.
 
@@ -366,7 +387,9 @@ def sample_batch(
     (`prompting.KnownTokens`) holds known tokens and writes them back into the output;
     `trajectory=K` also decodes x_hat at K evenly spaced steps (one extra decode forward
     each), and `on_frame` receives each recorded step's output ids as soon as it is decoded
-    (a host read per recorded step: for live streams).
+    (a host read per recorded step: for live streams). `wanted()`, asked before every
+    step, says which rows are still wanted (`live_rows`): the others stop being sampled,
+    and come back empty.
     """
     device = next(net.parameters()).device
     streams = SampleStreams(seed, ids, device, grid)
@@ -383,22 +406,38 @@ def sample_batch(
         tokens = mask_after_eos(tokens, eos_id, pad_id)
         return [strip_pad(row, pad_id) for row in tokens.tolist()]
 
+    live = LiveRows(wanted, len(ids)) if wanted is not None else None
+
+    def decode_rows(z: torch.Tensor) -> torch.Tensor:
+        """(B, S) ids of every row from the live rows' z: pad where a row left."""
+        if live is None:
+            return decode(net, z, settings.sc_cfg)
+        if not live.rows:
+            return torch.full((live.batch, length), pad_id, device=device, dtype=torch.long)
+        return live.expand(decode(net, z, settings.sc_cfg), pad_id)
+
     def decode_frame(x_hat: torch.Tensor) -> torch.Tensor:
-        tokens = decode(net, x_hat, settings.sc_cfg)
+        tokens = decode_rows(x_hat)
         if on_frame is not None:
             on_frame(cut(tokens))
         return tokens
 
-    recorder = TrajectoryRecorder(settings.steps, trajectory, decode_frame) if trajectory else None
+    recorder = (
+        TrajectoryRecorder(settings.steps, trajectory, decode_frame, live) if trajectory else None
+    )
     with autocast_context(device, precision):
-        z = sample_latents(net, settings, eps, streams, condition, known, recorder)
-        tokens = decode(net, z, settings.sc_cfg)
+        z = sample_latents(net, settings, eps, streams, condition, known, recorder, live=live)
+        tokens = decode_rows(z)
 
+    left = live.left if live is not None else []
+    outputs = cut(tokens)
+    for row in left:
+        outputs[row] = []
     if recorder is None:
-        return BatchSamples(cut(tokens))
-    times, frames = recorder.frames()  # (K, B) times, (K, B, S) ids
+        return BatchSamples(outputs, left=left)
+    times, frames = recorder.frames()  # (K', B) times, (K', B, S) ids; K' < K if all left
     per_step = [cut(frame) for frame in frames]
-    steps = [i + 1 for i in recorder.steps]
+    steps = [i + 1 for i in recorder.steps[: len(per_step)]]
     trajectories = [
         {
             "steps": steps,
@@ -407,7 +446,7 @@ def sample_batch(
         }
         for b in range(len(ids))
     ]
-    return BatchSamples(cut(tokens), trajectories)
+    return BatchSamples(outputs, trajectories, left)
 
 
 def detokenize(tokenizer, tokens: list[list[int]]) -> list[str]:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from elfctl.sampling.live_rows import LiveRows
+
 
 def recorded_steps(steps: int, k: int) -> list[int]:
     """K evenly spaced step indices out of 0..steps-1, ending at the last step.
@@ -29,23 +31,38 @@ def recorded_steps(steps: int, k: int) -> list[int]:
 
 
 class TrajectoryRecorder:
-    """Called by the sampler after each step with (step, t, x_hat); keeps K decodes on device."""
+    """Called by the sampler after each step with (step, t, x_hat); keeps K decodes on device.
 
-    def __init__(self, steps: int, k: int, decode: Callable[[torch.Tensor], torch.Tensor]):
+    With `live` (rows can leave the batch, `live_rows`), x_hat and t hold the rows still
+    sampled; `decode` then returns ids for the whole batch, and times of rows that left are
+    recorded as NaN.
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        k: int,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        live: LiveRows | None = None,
+    ):
         self.steps = recorded_steps(steps, k)
         self._wanted = set(self.steps)
         self._decode = decode
+        self._live = live
         self.times: list[torch.Tensor] = []  # (B,), the time each row's x_hat was predicted at
         self.tokens: list[torch.Tensor] = []  # (B, S) decoded ids per recorded step
 
     def __call__(self, step: int, t: torch.Tensor, x_hat: torch.Tensor) -> None:
         if step in self._wanted:
-            self.times.append(t.detach().reshape(-1).expand(x_hat.shape[0]))
+            t = t.detach().reshape(-1).expand(x_hat.shape[0])
+            self.times.append(self._live.expand(t, float("nan")) if self._live else t)
             self.tokens.append(self._decode(x_hat))
 
     def frames(self) -> tuple[list[list[float]], torch.Tensor]:
         """(times (K, B), ids (K, B, S)) once sampling is done (the one host read of the
         times; each sample has its own time grid, streams.py)."""
+        if not self.tokens:  # every row left before the first recorded step
+            return [], torch.empty(0, dtype=torch.long)
         return torch.stack(self.times).tolist(), torch.stack(self.tokens)
 
 

@@ -95,6 +95,7 @@ def build_app(
             "defaults": {**asdict(engine.defaults), "max_tokens": engine.limits.default_tokens},
             "queued_requests": batcher.queued(),
             **batcher.stats.as_dict(),
+            "freed_rows": engine.freed_rows,
         }
 
     @app.get("/v1/models")

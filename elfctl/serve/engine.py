@@ -57,7 +57,7 @@ class Job:
     length: int  # the sequence length the rows are sampled at
     deliver: Callable[[str, object], None]
     arrived: float = field(default_factory=time.monotonic)
-    cancelled: bool = False  # the client went away: drop it if not yet sampled
+    cancelled: bool = False  # the client went away: drop it, or free its rows mid-batch
 
     @property
     def rows(self) -> int:
@@ -104,6 +104,7 @@ class Engine:
             max_rows=max_batch,
             conditional=self.conditional,
         )
+        self.freed_rows = 0  # rows whose clients left while their batch was sampled
         self.pad_id = _or(self.tokenizer.pad_token_id, 0)
         self.eos_id = _or(self.tokenizer.eos_token_id, 1)
 
@@ -128,7 +129,9 @@ class Engine:
     # ------------------------------------------------------------------ sampling
 
     def sample(self, jobs: list[Job]) -> None:
-        """Sample one batch (jobs of one key) and deliver each job its rows."""
+        """Sample one batch (jobs of one key) and deliver each job its rows. A job whose
+        client leaves (`Job.cancelled`) has its rows dropped before the next step; the
+        batch goes on for the others."""
         rows = [(job, i) for job in jobs for i in range(job.rows)]
         first = jobs[0]
         s = first.request.sampling
@@ -165,7 +168,9 @@ class Engine:
             known=known,
             trajectory=self.frames if streaming else 0,
             on_frame=self._frame_sink(jobs, s.steps) if streaming else None,
+            wanted=lambda: [not job.cancelled for job, _ in rows],
         )
+        self.freed_rows += len(out.left)
         for job, tokens in zip(jobs, _split(out.tokens, jobs), strict=True):
             job.deliver("done", tokens)
 

@@ -187,6 +187,14 @@ class DistillConfig:
     epochs_per_round: float = 1.0
     steps_per_round: int | None = None  # overrides epochs_per_round when set
     round: int | None = None  # the round a run dir trains (1-based); set per round by distill
+    # What the student regresses onto (docs/distillation.md): "progressive" (official) lands
+    # one student step on the teacher's end point; "consistency" is the student's own
+    # x-prediction (no gradient) at that end point.
+    target: str = "progressive"
+    # How the teacher crosses the span: "ode" (official: Euler sub-steps) or "sde" (each
+    # sub-step after a churn of teacher_gamma, as the SDE sampler).
+    teacher_sampler: str = "ode"
+    teacher_gamma: float = 1.5
 
 
 @dataclass

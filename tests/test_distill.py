@@ -1,6 +1,8 @@
 """Progressive distillation (docs/method.md section 8): the PD maths on toy teachers whose
 velocity fields are known in closed form, the loss against a one-example-at-a-time
-computation, and the curriculum (round chaining, resume, the CLI) on the test bed."""
+computation, and the curriculum (round chaining, resume, the CLI) on the test bed.
+Beyond the official recipe (docs/distillation.md): the SDE teacher and the consistency
+target, pinned the same ways."""
 
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from elfctl.config import ModelConfig, ObjectiveConfig, resolve
 from elfctl.errors import UserError
 from elfctl.model import ELF, list_step_dirs, save_official_checkpoint
 from elfctl.training import (
+    DistillRule,
     DistillTrainer,
     PDDraws,
+    consistency_target,
     distill,
     distill_loss,
     draw_pd,
@@ -143,7 +147,7 @@ def test_straight_teacher_target_is_the_analytic_end_point_inverted():
     times = teacher_times(t_s, t_t, torch.tensor([[0.2, 0.7], [0.5, 0.6]]))
     no_cond = torch.zeros(B, S, dtype=torch.bool)
     x = torch.zeros(B, S, C)
-    z_end, _ = teacher_trajectory(
+    z_end, _, _ = teacher_trajectory(
         StraightTeacher(x0), z_s, torch.zeros_like(z_s), times, torch.ones(B), x, no_cond, T_EPS
     )
     analytic_end = x0 + ((1 - t_t) / (1 - t_s))[:, None, None] * (z_s - x0)
@@ -161,7 +165,7 @@ def test_one_student_step_to_the_target_lands_on_the_teachers_multi_step_end_poi
     times = teacher_times(t_s, t_t, torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.4, 0.8]]))
     no_cond = torch.zeros(B, S, dtype=torch.bool)
     teacher = LinearTeacher(a, C)
-    z_end, _ = teacher_trajectory(
+    z_end, _, _ = teacher_trajectory(
         teacher, z_s, torch.zeros_like(z_s), times, torch.ones(B), z_s, no_cond, T_EPS
     )
     # By hand: each Euler step multiplies z by 1 + (a - 1) h_i / (1 - t_i).
@@ -230,8 +234,10 @@ def test_condition_positions_never_move():
 # The loss against a one-example-at-a-time computation
 
 
-def slow_distill_loss(student, teacher, x, ids, cond, loss_mask, d, cfg, span):
-    """Section 8 written out per example, with plain loops over the sub-steps."""
+def slow_distill_loss(student, teacher, x, ids, cond, loss_mask, d, cfg, span, rule=None):
+    """Section 8 written out per example, with plain loops over the sub-steps (and, with a
+    `rule`, the SDE teacher's churn and the consistency target written out the same way)."""
+    rule = rule or DistillRule()
     losses = []
     C = x.shape[-1]
     for b in range(x.shape[0]):
@@ -257,13 +263,20 @@ def slow_distill_loss(student, teacher, x, ids, cond, loss_mask, d, cfg, span):
                 half = torch.where(cb, xb, half)
             times = [t_s] + [t_s + r * span for r in d.inner[b]] + [t_t]
             z, prev = z_s, half
-            for t, t_next in zip(times[:-1], times[1:], strict=True):
+            for i, (t, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
+                if rule.teacher_sampler == "sde":
+                    alpha = min(max(1 - rule.teacher_gamma * (t_next - t).item(), 0.0), 1.0)
+                    z = alpha * z + (1 - alpha) * cfg.noise_scale * d.churn[b : b + 1, i]
+                    z, t = torch.where(cb, xb, z), alpha * t
                 x_hat, _ = teacher(torch.cat([z, prev], -1), t[None], sc_scale=w)
                 x_hat = torch.where(cb, xb, x_hat)
                 z = z + (t_next - t) * (x_hat - z) / max(1 - t.item(), T_EPS)
                 z = torch.where(cb, xb, z)
                 prev = x_hat
             target = z_s + (1 - t_s) / (t_t - t_s) * (z - z_s)
+            if rule.target == "consistency":
+                target, _ = student(torch.cat([z, prev], -1), t_t[None], sc_scale=w)
+                target = torch.where(cb, xb, target)
         pred, _ = student(torch.cat([z_s, half], -1), t_s[None], sc_scale=w, decode=0)
         squared = ((pred - target) ** 2).sum(-1)[0] / C
         losses.append((squared * mb).sum() / mb.sum())
@@ -295,6 +308,120 @@ def test_loss_is_the_mean_over_examples_of_per_example_ce_or_pd_error(conditiona
     # A given denominator replaces the batch size (the trainer's global example count).
     halved = distill_loss(student, teacher, x, ids, cond, loss_mask, d, cfg, 0.25, T_EPS, 2 * B)
     torch.testing.assert_close(halved.loss, slow / 2, rtol=1e-5, atol=1e-6)
+
+
+RULES = [
+    DistillRule("progressive", "sde", 1.5),
+    DistillRule("consistency", "ode"),
+    DistillRule("consistency", "sde", 2.0),
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.target}-{r.teacher_sampler}")
+def test_other_rules_give_the_loss_and_gradients_written_out_per_example(rule):
+    B, S, C, V = 6, 5, 16, 18
+    gen = torch.Generator().manual_seed(12)
+    student = randomize_(ELF(tiny_model_config(vocab_size=V)), seed=1, std=0.15)
+    teacher = randomize_(ELF(tiny_model_config(vocab_size=V)), seed=2, std=0.15).eval()
+    twin = randomize_(ELF(tiny_model_config(vocab_size=V)), seed=1, std=0.15)
+    x = torch.randn(B, S, C, generator=gen)
+    ids = torch.randint(0, V, (B, S), generator=gen)
+    cond = torch.arange(S)[None] < torch.tensor([2, 0, 1, 0, 1, 0])[:, None]
+    cfg = ObjectiveConfig()
+    d = draw_pd(B, S, C, 3, cfg, "cpu", gen, churn=True)
+    d.is_decoder = torch.tensor([True, False, False, False, False, False])
+    d.use_self_cond = torch.tensor([False, True, False, False, True, True])
+    args = (x, ids, cond, ~cond, d, cfg, 0.25)
+    parts = distill_loss(student, teacher, *args, T_EPS, rule=rule)
+    slow = slow_distill_loss(twin, teacher, *args, rule=rule)
+    torch.testing.assert_close(parts.loss, slow, rtol=1e-5, atol=1e-6)
+    official = distill_loss(student, teacher, *args, T_EPS)
+    assert not torch.allclose(parts.loss, official.loss)  # the rule changed the target
+    # The consistency target is the student's prediction without gradient: the gradients
+    # are those of the written-out loss, whose target is computed under no_grad.
+    parts.loss.backward()
+    slow.backward()
+    for (name, a), b in zip(student.named_parameters(), twin.parameters(), strict=True):
+        if a.grad is not None or b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_sde_teacher_churns_before_each_sub_step_as_the_sde_sampler():
+    # On the linear teacher x_hat = a z, by hand: back to t_b = alpha t with
+    # z_b = alpha z + (1 - alpha) s eps_i, alpha = clip(1 - gamma h), then
+    # z' = z_b + (t_next - t_b) (a - 1) z_b / (1 - t_b).
+    B, S, C, a, gamma, s = 2, 3, 4, 0.6, 1.5, 2.0
+    gen = torch.Generator().manual_seed(13)
+    z_s = torch.randn(B, S, C, generator=gen)
+    churn = torch.randn(B, 3, S, C, generator=gen)
+    t_s, t_t = torch.tensor([0.05, 0.4]), torch.tensor([0.3, 0.65])
+    times = teacher_times(t_s, t_t, torch.tensor([[0.2, 0.5], [0.3, 0.9]]))
+    no_cond = torch.zeros(B, S, dtype=torch.bool)
+    z_end, _, _ = teacher_trajectory(
+        LinearTeacher(a, C),
+        z_s,
+        torch.zeros_like(z_s),
+        times,
+        torch.ones(B),
+        z_s,
+        no_cond,
+        T_EPS,
+        churn,
+        gamma,
+        s,
+    )
+    for b in range(B):
+        z = z_s[b]
+        for i in range(3):
+            t, t_next = times[b, i].item(), times[b, i + 1].item()
+            alpha = min(max(1 - gamma * (t_next - t), 0.0), 1.0)
+            z, t = alpha * z + (1 - alpha) * s * churn[b, i], alpha * t
+            z = z + (t_next - t) * (a - 1) * z / (1 - t)
+        torch.testing.assert_close(z_end[b], z)
+    ode_end, _, _ = teacher_trajectory(
+        LinearTeacher(a, C),
+        z_s,
+        torch.zeros_like(z_s),
+        times,
+        torch.ones(B),
+        z_s,
+        no_cond,
+        T_EPS,
+        churn,
+        0.0,
+        s,
+    )
+    plain, _, _ = teacher_trajectory(
+        LinearTeacher(a, C), z_s, torch.zeros_like(z_s), times, torch.ones(B), z_s, no_cond, T_EPS
+    )
+    torch.testing.assert_close(ode_end, plain)  # no churn: the official Euler teacher
+
+
+def test_the_churn_noise_is_drawn_after_every_official_draw():
+    official = draw_pd(4, 3, 2, 5, ObjectiveConfig(), "cpu", torch.Generator().manual_seed(1))
+    churned = draw_pd(4, 3, 2, 5, ObjectiveConfig(), "cpu", torch.Generator().manual_seed(1), True)
+    for name in ("u", "eps", "inner", "lam", "dec_noise", "sc_scale"):
+        assert torch.equal(getattr(official, name), getattr(churned, name)), name
+    assert official.churn is None and churned.churn.shape == (4, 5, 3, 2)
+    assert churned.rows(torch.tensor([2])).churn.shape == (1, 5, 3, 2)
+
+
+def test_the_consistency_target_is_the_students_own_prediction_where_the_path_ends():
+    B, S, C, a = 3, 2, 4, 0.7
+    student = LinearTeacher(a, C)
+    gen = torch.Generator().manual_seed(14)
+    z_end, x_prev = torch.randn(B, S, C, generator=gen), torch.randn(B, S, C, generator=gen)
+    x = torch.randn(B, S, C, generator=gen)
+    cond = torch.tensor([[True, False], [False, False], [False, False]])
+    t_t, w = torch.tensor([0.3, 0.9, 1.0]), torch.tensor([1.0, 2.0, 3.0])
+    target = consistency_target(student, z_end, x_prev, t_t, w, x, cond)
+    (call,) = student.calls
+    assert torch.equal(call["x_prev"], x_prev) and torch.equal(call["t"], t_t)
+    assert torch.equal(call["w"], w)
+    torch.testing.assert_close(target[0, 1], a * z_end[0, 1])
+    assert torch.equal(target[0, 0], x[0, 0])  # condition positions carry x
+    torch.testing.assert_close(target[1], a * z_end[1])
+    assert torch.equal(target[2], z_end[2])  # at t = 1 the path's end is the target
 
 
 def test_the_teacher_runs_only_on_the_rows_that_use_it():
@@ -543,6 +670,9 @@ def test_distill_command_trains_rounds_whose_students_elfctl_sample_loads(tmp_pa
         (["--rounds", "1-9"], "outside the curriculum"),
         (["--rounds", "1", "--round", "1"], "not both"),
         (["--set", "distill.spans=[0.5, 1.5]"], "spans[1]"),
+        (["--set", "distill.target=flow"], "distill.target must be one of progressive"),
+        (["--set", "distill.teacher_sampler=heun"], "teacher_sampler must be one of ode, sde"),
+        (["--set", "distill.teacher_gamma=-1"], "teacher_gamma must be at least 0"),
     ],
 )
 def test_distill_command_rejects_bad_input_with_one_sentence(tmp_path, extra, message):

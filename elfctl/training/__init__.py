@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from elfctl.training.autoconfig import stats_row_indices
 from elfctl.training.distillation import (
+    TARGETS,
+    TEACHER_SAMPLERS,
+    DistillRule,
     DistillTrainer,
     PDDraws,
     check_distill_config,
+    consistency_target,
     distill,
     distill_loss,
     draw_pd,
@@ -67,7 +71,11 @@ from elfctl.training.trainer import (
 from elfctl.training.training_state import TrainingState, read_training_state
 
 __all__ = [
+    "DistillRule",
     "DistillTrainer",
+    "TARGETS",
+    "TEACHER_SAMPLERS",
+    "consistency_target",
     "Draws",
     "EMA",
     "MuonAdam",

@@ -7,10 +7,17 @@ regression target is the x-prediction that makes its single step land exactly on
 teacher's end point ("target inversion"). Round 1 starts from the teacher's weights,
 round k > 1 from round k-1's EMA weights, with a fresh optimiser, step count and EMA.
 
+Beyond the official recipe (docs/distillation.md), a `DistillRule` chooses what the
+student learns: the target ("progressive": the inversion above; "consistency": the
+student's own x-prediction, without gradient, where the teacher's path ends) and how the
+teacher crosses the span ("ode": Euler sub-steps; "sde": each sub-step after a churn, as
+the SDE sampler, the better sampler of the test bed).
+
 The maths is pure functions of tensors (`teacher_times`, `teacher_trajectory`,
-`pd_target`, `student_step`, `distill_loss`); all randomness of a step is drawn first by
-`draw_pd`, as in `objective.py`. `DistillTrainer` plugs the loss into the ordinary
-training loop (same Accelerate loop, checkpoints and exact resume as `elfctl train`).
+`pd_target`, `consistency_target`, `student_step`, `distill_loss`); all randomness of a
+step is drawn first by `draw_pd`, as in `objective.py`. `DistillTrainer` plugs the loss
+into the ordinary training loop (same Accelerate loop, checkpoints and exact resume as
+`elfctl train`).
 
 Curriculum directory:
     RUN_DIR/round_<k>/     a normal run dir per round (config.yaml with distill.round = k,
@@ -32,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from elfctl import records
-from elfctl.config import Config, ObjectiveConfig
+from elfctl.config import Config, DistillConfig, ObjectiveConfig
 from elfctl.distributed import local_device
 from elfctl.errors import UserError
 from elfctl.model import flow
@@ -58,6 +65,26 @@ from elfctl.training.trainer import StepReport, Trainer, TrainResult, make_accel
 # Below this span the inversion divides by almost nothing; the official code then regresses
 # straight onto the teacher's x-prediction instead.
 MIN_SPAN = 1e-3
+
+TARGETS = ("progressive", "consistency")
+TEACHER_SAMPLERS = ("ode", "sde")
+
+
+@dataclass(frozen=True)
+class DistillRule:
+    """What a student regresses onto, and how the teacher crosses the span (defaults:
+    the official recipe)."""
+
+    target: str = "progressive"
+    teacher_sampler: str = "ode"
+    teacher_gamma: float = 1.5  # the churn of the "sde" teacher
+
+    @classmethod
+    def of(cls, d: DistillConfig) -> DistillRule:
+        return cls(d.target, d.teacher_sampler, d.teacher_gamma)
+
+
+OFFICIAL = DistillRule()
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +131,15 @@ def check_distill_config(cfg: Config) -> None:
         raise UserError("Distillation keeps the teacher's model.vocab_size; give the number.")
     if d.epochs_per_round <= 0:
         raise UserError(f"distill.epochs_per_round must be positive, got {d.epochs_per_round}.")
+    if d.target not in TARGETS:
+        raise UserError(f"distill.target must be one of {', '.join(TARGETS)}, got '{d.target}'.")
+    if d.teacher_sampler not in TEACHER_SAMPLERS:
+        raise UserError(
+            f"distill.teacher_sampler must be one of {', '.join(TEACHER_SAMPLERS)}, "
+            f"got '{d.teacher_sampler}'."
+        )
+    if d.teacher_gamma < 0:
+        raise UserError(f"distill.teacher_gamma must be at least 0, got {d.teacher_gamma}.")
 
 
 def round_config(cfg: Config, k: int) -> Config:
@@ -146,24 +182,39 @@ class PDDraws:
     use_self_cond: torch.Tensor  # (B,) bool: self-condition = teacher's x_hat (else zeros)
     sc_scale: torch.Tensor  # (B,) SC-CFG scale w, fed to teacher and student
     drop_condition: torch.Tensor  # (B,) bool: label drop
+    churn: torch.Tensor | None = None  # (B, substeps, S, C): the "sde" teacher's churn noise
 
     def rows(self, index: torch.Tensor) -> PDDraws:
         """The draws of the rows `index` (a 1-D index tensor), in that order."""
-        return PDDraws(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PDDraws(**{k: v if v is None else v[index] for k, v in picked.items()})
 
 
 def draw_pd(
-    B: int, S: int, C: int, substeps: int, cfg: ObjectiveConfig, device, generator=None
+    B: int,
+    S: int,
+    C: int,
+    substeps: int,
+    cfg: ObjectiveConfig,
+    device,
+    generator=None,
+    churn: bool = False,
 ) -> PDDraws:
+    """The step's draws in a fixed order; `churn` (the "sde" teacher) draws its sub-steps'
+    noise last, so the official draws are the same with or without it."""
+
     def logit_normal(*shape):
         return flow.logit_normal(shape, cfg.p_mean, cfg.p_std, generator, device)
 
-    return PDDraws(
+    draws = PDDraws(
         u=logit_normal(B),
         eps=torch.randn((B, S, C), generator=generator, device=device),
         inner=logit_normal(B, substeps - 1).sort(dim=-1).values,
         **draw_branches(B, S, C, cfg, device, generator),
     )
+    if churn:
+        draws.churn = torch.randn((B, substeps, S, C), generator=generator, device=device)
+    return draws
 
 
 # ---------------------------------------------------------------------------
@@ -197,18 +248,26 @@ def teacher_trajectory(
     x: torch.Tensor,
     cond_mask: torch.Tensor,
     t_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    churn: torch.Tensor | None = None,
+    gamma: float = 0.0,
+    noise_scale: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Euler through the teacher from z_s at times[:, 0] to times[:, -1].
 
     z_s, self_cond, x (B, S, C); times (B, n+1); sc_scale (B,); cond_mask (B, S) bool.
     The first sub-step gets `self_cond`; each later one the previous sub-step's x_hat.
+    With `churn` (B, n, S, C), each sub-step first goes back to t_back with that noise
+    (`flow.sde_back`, churn `gamma`) and steps from there, as the SDE sampler does.
     Condition positions of z and x_hat always carry x.
-    Returns (z at the end time, the first sub-step's x_hat), both (B, S, C).
+    Returns (z at the end time, the first and the last sub-step's x_hat), all (B, S, C).
     """
     uses_self_cond = model_config(teacher).self_cond
     z, x_prev, first_x_hat = z_s, self_cond, None
     for i in range(times.shape[1] - 1):
         t, t_next = times[:, i], times[:, i + 1]
+        if churn is not None:
+            z, t = flow.sde_back(z, t, t_next, gamma, noise_scale, churn[:, i])
+            z = keep_condition(z, x, cond_mask)
         inputs = torch.cat([z, x_prev], dim=-1) if uses_self_cond else z
         x_hat, _ = teacher(inputs, t, sc_scale=sc_scale)
         x_hat = keep_condition(x_hat.float(), x, cond_mask)
@@ -217,7 +276,7 @@ def teacher_trajectory(
         x_prev = x_hat
         if first_x_hat is None:
             first_x_hat = x_hat
-    return z, first_x_hat
+    return z, first_x_hat, x_prev
 
 
 def pd_target(
@@ -239,6 +298,28 @@ def pd_target(
     scale = (1 - t_s) / span.clamp_min(min_span)
     inverted = z_s + _rows(scale) * (z_end - z_s)
     return torch.where(_rows(span < min_span), x_direct, inverted)
+
+
+@torch.no_grad()
+def consistency_target(
+    student,
+    z_end: torch.Tensor,
+    x_prev: torch.Tensor,
+    t_t: torch.Tensor,
+    sc_scale: torch.Tensor,
+    x: torch.Tensor,
+    cond_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Consistency distillation's target in x-prediction: the student's own x_hat (no
+    gradient) at the teacher's end point (z_end, t_t), self-conditioned on the teacher's
+    last x_hat `x_prev`. A student that predicts the same x from every point of a teacher
+    path jumps to the path's end from anywhere on it. Where t_t = 1 the end point is the
+    path's end itself, and the target.
+    """
+    inputs = torch.cat([z_end, x_prev], dim=-1) if model_config(student).self_cond else z_end
+    x_hat, _ = student(inputs, t_t, sc_scale=sc_scale)
+    x_hat = keep_condition(x_hat.float(), x, cond_mask)
+    return torch.where(_rows(t_t >= 1.0), z_end, x_hat)
 
 
 def student_step(
@@ -270,9 +351,13 @@ def pd_inputs(
     span: float,
     noise_scale: float,
     t_eps: float,
+    rule: DistillRule = OFFICIAL,
+    student=None,
 ) -> PDInputs:
     """Steps 1-6 of section 8 for every row: z_s, the self-conditioning half, the
-    teacher's sub-step integration and the inverted target. x (B, S, C) after label drop."""
+    teacher's sub-step integration and the inverted target. x (B, S, C) after label drop.
+    `rule` may change the teacher's sampler and the target (the consistency target
+    needs the `student`)."""
     t_s, t_t = span_times(draws.u, span)
     z_s = keep_condition(flow.add_noise(x, draws.eps, t_s, noise_scale), x, cond_mask)
     w = draws.sc_scale
@@ -287,8 +372,26 @@ def pd_inputs(
         x_first = keep_condition(x_first.float(), x[takes], cond_mask[takes])
         self_cond = zeros.index_copy(0, takes, x_first)
     times = teacher_times(t_s, t_t, draws.inner)
-    z_end, x_direct = teacher_trajectory(teacher, z_s, self_cond, times, w, x, cond_mask, t_eps)
-    target = pd_target(z_s, z_end, t_s, t_t, x_direct)
+    churn = draws.churn if rule.teacher_sampler == "sde" else None
+    if rule.teacher_sampler == "sde" and churn is None:
+        raise ValueError("the sde teacher needs churn noise: draw_pd(..., churn=True)")
+    z_end, x_direct, x_last = teacher_trajectory(
+        teacher,
+        z_s,
+        self_cond,
+        times,
+        w,
+        x,
+        cond_mask,
+        t_eps,
+        churn,
+        rule.teacher_gamma,
+        noise_scale,
+    )
+    if rule.target == "consistency":
+        target = consistency_target(student, z_end, x_last, t_t, w, x, cond_mask)
+    else:
+        target = pd_target(z_s, z_end, t_s, t_t, x_direct)
     return PDInputs(t_s, t_t, z_s, self_cond, times, z_end, target)
 
 
@@ -304,6 +407,7 @@ def distill_loss(
     span: float,
     t_eps: float,
     denominator: torch.Tensor | float | None = None,
+    rule: DistillRule = OFFICIAL,
 ) -> LossParts:
     """The distillation loss for clean latents x (B, S, C) (before label drop).
 
@@ -324,7 +428,7 @@ def distill_loss(
     pd_rows = (~is_dec).nonzero().squeeze(1)
     if len(pd_rows):
         sub = (x[pd_rows], cond_mask[pd_rows], draws.rows(pd_rows))
-        pd = pd_inputs(teacher, *sub, span, cfg.noise_scale, t_eps)
+        pd = pd_inputs(teacher, *sub, span, cfg.noise_scale, t_eps, rule, student)
         z_s = z_s.index_copy(0, pd_rows, pd.z_s)
         self_cond = self_cond.index_copy(0, pd_rows, pd.self_cond)
         target = target.index_copy(0, pd_rows, pd.target)
@@ -387,6 +491,7 @@ class DistillTrainer(Trainer):
         self.round = cfg.distill.round
         self.span = cfg.distill.spans[self.round - 1]
         self.substeps = substeps_for(self.span, cfg.distill.teacher_resolution)
+        self.rule = DistillRule.of(cfg.distill)
         checkpoint = cfg.distill.teacher
         ckpt = load_checkpoint(checkpoint)  # EMA weights: the teacher of every round
         teacher = build_model(ckpt.state_dict, cfg.model, f"The teacher {checkpoint}")
@@ -424,7 +529,8 @@ class DistillTrainer(Trainer):
         cfg = self.cfg
         B, S = batch["input_ids"].shape
         C = cfg.model.latent_dim
-        draws = draw_pd(B, S, C, self.substeps, cfg.objective, self.device, self.generator)
+        churn = self.rule.teacher_sampler == "sde"
+        draws = draw_pd(B, S, C, self.substeps, cfg.objective, self.device, self.generator, churn)
         x = encode_batch(self.encoder, batch, draws.drop_condition, cfg.data.conditional)
         return distill_loss(
             self.forward_model,
@@ -438,6 +544,7 @@ class DistillTrainer(Trainer):
             self.span,
             cfg.model.t_eps,
             denominator=denominator,
+            rule=self.rule,
         )
 
     @property

@@ -114,7 +114,14 @@ class Scorers:
 
 
 def cell_key(cell: dict) -> tuple:
-    return (cell["task"], cell["sampler"], cell["schedule"], cell["budget"], cell["seed"])
+    return (
+        cell.get("model", ""),
+        cell["task"],
+        cell["sampler"],
+        cell["schedule"],
+        cell["budget"],
+        cell["seed"],
+    )
 
 
 def quality(args) -> None:
@@ -149,6 +156,7 @@ def quality(args) -> None:
             for schedule in args.schedules.split(","):
                 for seed in map(int, args.seeds.split(",")):
                     cell = {
+                        "model": args.label,
                         "task": args.task,
                         "sampler": name,
                         "schedule": schedule,
@@ -216,13 +224,14 @@ def table(args) -> None:
     ]
     groups: dict[tuple, list[dict]] = {}
     for cell in cells:
-        key = (cell["task"], cell["sampler"], cell["schedule"], cell["budget"])
-        groups.setdefault(key, []).append(cell)
+        key = (cell.get("model", ""), cell["task"], cell["sampler"], cell["schedule"])
+        groups.setdefault((*key, cell["budget"]), []).append(cell)
     present = [m for m in METRICS if any(m in c for c in cells)]
     scale = {"accepted": 100.0, "distinct_4": 100.0}
-    print("| task | sampler | grid | budget | steps | fwd | seeds | " + " | ".join(present) + " |")
-    print("|" + "---|" * (7 + len(present)))
-    for key in sorted(groups, key=lambda k: (k[0], k[3], k[1], k[2])):
+    head = "| model | task | sampler | grid | budget | steps | fwd | seeds | "
+    print(head + " | ".join(present) + " |")
+    print("|" + "---|" * (8 + len(present)))
+    for key in sorted(groups, key=lambda k: (k[1], k[4], k[0], k[2], k[3])):
         rows = groups[key]
         parts = []
         for metric in present:
@@ -234,9 +243,9 @@ def table(args) -> None:
             parts.append(
                 f"{mean:.1f} ± {se:.1f}" if metric != "mauve" else f"{mean:.3f} ± {se:.3f}"
             )
-        task, sampler, schedule, budget = key
+        model, task, sampler, schedule, budget = key
         print(
-            f"| {task} | {sampler} | {schedule} | {budget} | {rows[0]['steps']} | "
+            f"| {model or '-'} | {task} | {sampler} | {schedule} | {budget} | {rows[0]['steps']} | "
             f"{rows[0]['forwards']} | {len(rows)} | " + " | ".join(parts) + " |"
         )
 
@@ -338,6 +347,7 @@ def main() -> None:
     q = sub.add_parser("quality")
     q.add_argument("--task", choices=["tiny", "prompt", "translate"], required=True)
     q.add_argument("--run-dir", required=True)
+    q.add_argument("--label", default="", help="The model's name in the table (e.g. teacher).")
     q.add_argument("--results", required=True)
     q.add_argument("--work", default="outputs/solvers/work")
     q.add_argument("--samplers", default=SAMPLERS)

@@ -191,6 +191,9 @@ class DistillConfig:
     # one student step on the teacher's end point; "consistency" is the student's own
     # x-prediction (no gradient) at that end point.
     target: str = "progressive"
+    # The network that gives the consistency target: "ema" (the student's EMA weights, as
+    # consistency distillation's target network) or "student" (the student, no gradient).
+    target_network: str = "ema"
     # How the teacher crosses the span: "ode" (official: Euler sub-steps) or "sde" (each
     # sub-step after a churn of teacher_gamma, as the SDE sampler).
     teacher_sampler: str = "ode"

@@ -24,6 +24,7 @@ from elfctl.model import ELF, list_step_dirs, save_official_checkpoint
 from elfctl.training import (
     DistillRule,
     DistillTrainer,
+    EMANetwork,
     PDDraws,
     consistency_target,
     distill,
@@ -234,7 +235,9 @@ def test_condition_positions_never_move():
 # The loss against a one-example-at-a-time computation
 
 
-def slow_distill_loss(student, teacher, x, ids, cond, loss_mask, d, cfg, span, rule=None):
+def slow_distill_loss(
+    student, teacher, x, ids, cond, loss_mask, d, cfg, span, rule=None, target_net=None
+):
     """Section 8 written out per example, with plain loops over the sub-steps (and, with a
     `rule`, the SDE teacher's churn and the consistency target written out the same way)."""
     rule = rule or DistillRule()
@@ -275,7 +278,8 @@ def slow_distill_loss(student, teacher, x, ids, cond, loss_mask, d, cfg, span, r
                 prev = x_hat
             target = z_s + (1 - t_s) / (t_t - t_s) * (z - z_s)
             if rule.target == "consistency":
-                target, _ = student(torch.cat([z, prev], -1), t_t[None], sc_scale=w)
+                net = target_net or student
+                target, _ = net(torch.cat([z, prev], -1), t_t[None], sc_scale=w)
                 target = torch.where(cb, xb, target)
         pred, _ = student(torch.cat([z_s, half], -1), t_s[None], sc_scale=w, decode=0)
         squared = ((pred - target) ** 2).sum(-1)[0] / C
@@ -344,6 +348,39 @@ def test_other_rules_give_the_loss_and_gradients_written_out_per_example(rule):
     for (name, a), b in zip(student.named_parameters(), twin.parameters(), strict=True):
         if a.grad is not None or b.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_consistency_target_can_come_from_a_target_network_that_gets_no_gradient():
+    B, S, C, V = 4, 5, 16, 18
+    gen = torch.Generator().manual_seed(15)
+    student = randomize_(ELF(tiny_model_config(vocab_size=V)), seed=1, std=0.15)
+    teacher = randomize_(ELF(tiny_model_config(vocab_size=V)), seed=2, std=0.15).eval()
+    target_net = randomize_(ELF(tiny_model_config(vocab_size=V)), seed=3, std=0.15)
+    x = torch.randn(B, S, C, generator=gen)
+    ids = torch.randint(0, V, (B, S), generator=gen)
+    no_cond, mask = torch.zeros(B, S, dtype=torch.bool), torch.ones(B, S, dtype=torch.bool)
+    d = draw_pd(B, S, C, 2, ObjectiveConfig(), "cpu", gen)
+    d.is_decoder = torch.zeros(B, dtype=torch.bool)
+    rule = DistillRule("consistency")
+    args = (x, ids, no_cond, mask, d, ObjectiveConfig(), 0.5)
+    parts = distill_loss(student, teacher, *args, T_EPS, rule=rule, target_net=target_net)
+    slow = slow_distill_loss(student, teacher, *args, rule=rule, target_net=target_net)
+    torch.testing.assert_close(parts.loss, slow, rtol=1e-5, atol=1e-6)
+    own = distill_loss(student, teacher, *args, T_EPS, rule=rule)
+    assert not torch.allclose(parts.loss, own.loss)
+    parts.loss.backward()
+    assert all(p.grad is None for p in target_net.parameters())
+
+
+def test_the_ema_network_is_the_model_run_with_its_ema_weights():
+    model = randomize_(ELF(tiny_model_config()), seed=1, std=0.15)
+    averaged = randomize_(ELF(tiny_model_config()), seed=2, std=0.15)
+    shadow = {name: p.detach().clone() for name, p in averaged.named_parameters()}
+    inputs, t = torch.randn(2, 5, 32), torch.tensor([0.3, 0.8])
+    got, _ = EMANetwork(model, shadow)(inputs, t, sc_scale=torch.ones(2))
+    want, _ = averaged(inputs, t, sc_scale=torch.ones(2))
+    torch.testing.assert_close(got, want)
+    assert EMANetwork(model, shadow).cfg is model.cfg
 
 
 def test_the_sde_teacher_churns_before_each_sub_step_as_the_sde_sampler():
@@ -583,6 +620,19 @@ def test_round_one_starts_from_the_teachers_ema_weights(tmp_path, teacher_file):
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
 
 
+def test_a_consistency_round_takes_its_target_from_the_students_ema_weights(tmp_path, teacher_file):
+    path, _ = teacher_file
+    acc = make_accelerator(cpu=True)
+    consistency = small_config(path, "distill.target=consistency")
+    trainer = DistillTrainer(round_config(consistency, 1), tmp_path / "cd", acc)
+    net = trainer.target_network()
+    assert isinstance(net, EMANetwork) and net.weights is trainer.ema.shadow
+    itself = small_config(path, "distill.target=consistency", "distill.target_network=student")
+    assert DistillTrainer(round_config(itself, 1), tmp_path / "s", acc).target_network() is None
+    official = DistillTrainer(round_config(small_config(path), 1), tmp_path / "pd", acc)
+    assert official.target_network() is None
+
+
 def test_a_round_refuses_to_start_before_the_previous_one_finished(tmp_path, teacher_file):
     path, _ = teacher_file
     acc = make_accelerator(cpu=True)
@@ -599,11 +649,16 @@ def test_a_round_refuses_to_start_before_the_previous_one_finished(tmp_path, tea
         distill(small_config(path), tmp_path / "pd", [2], accelerator=acc)
 
 
+@pytest.mark.parametrize(
+    "rule",
+    [[], ["distill.target=consistency", "distill.teacher_sampler=sde"]],
+    ids=["official", "consistency-ema-sde"],
+)
 def test_a_killed_curriculum_resumes_in_its_round_and_matches_an_unbroken_one(
-    tmp_path, teacher_file
+    tmp_path, teacher_file, rule
 ):
     path, _ = teacher_file
-    cfg = small_config(path)
+    cfg = small_config(path, *rule)
     acc = make_accelerator(cpu=True)
 
     class Killed(Exception):
@@ -673,6 +728,7 @@ def test_distill_command_trains_rounds_whose_students_elfctl_sample_loads(tmp_pa
         (["--set", "distill.target=flow"], "distill.target must be one of progressive"),
         (["--set", "distill.teacher_sampler=heun"], "teacher_sampler must be one of ode, sde"),
         (["--set", "distill.teacher_gamma=-1"], "teacher_gamma must be at least 0"),
+        (["--set", "distill.target_network=teacher"], "target_network must be one of ema"),
     ],
 )
 def test_distill_command_rejects_bad_input_with_one_sentence(tmp_path, extra, message):

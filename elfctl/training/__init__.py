@@ -21,6 +21,7 @@ from elfctl.training.distillation import (
     TEACHER_SAMPLERS,
     DistillRule,
     DistillTrainer,
+    EMANetwork,
     PDDraws,
     check_distill_config,
     consistency_target,
@@ -73,6 +74,7 @@ from elfctl.training.training_state import TrainingState, read_training_state
 __all__ = [
     "DistillRule",
     "DistillTrainer",
+    "EMANetwork",
     "TARGETS",
     "TEACHER_SAMPLERS",
     "consistency_target",

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from elfctl import records
 from elfctl.config import Config, DistillConfig, ObjectiveConfig
@@ -68,6 +69,7 @@ MIN_SPAN = 1e-3
 
 TARGETS = ("progressive", "consistency")
 TEACHER_SAMPLERS = ("ode", "sde")
+TARGET_NETWORKS = ("ema", "student")
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,11 @@ class DistillRule:
     target: str = "progressive"
     teacher_sampler: str = "ode"
     teacher_gamma: float = 1.5  # the churn of the "sde" teacher
+    target_network: str = "ema"  # what gives the consistency target (see DistillConfig)
 
     @classmethod
     def of(cls, d: DistillConfig) -> DistillRule:
-        return cls(d.target, d.teacher_sampler, d.teacher_gamma)
+        return cls(d.target, d.teacher_sampler, d.teacher_gamma, d.target_network)
 
 
 OFFICIAL = DistillRule()
@@ -137,6 +140,11 @@ def check_distill_config(cfg: Config) -> None:
         raise UserError(
             f"distill.teacher_sampler must be one of {', '.join(TEACHER_SAMPLERS)}, "
             f"got '{d.teacher_sampler}'."
+        )
+    if d.target_network not in TARGET_NETWORKS:
+        raise UserError(
+            f"distill.target_network must be one of {', '.join(TARGET_NETWORKS)}, "
+            f"got '{d.target_network}'."
         )
     if d.teacher_gamma < 0:
         raise UserError(f"distill.teacher_gamma must be at least 0, got {d.teacher_gamma}.")
@@ -322,6 +330,18 @@ def consistency_target(
     return torch.where(_rows(t_t >= 1.0), z_end, x_hat)
 
 
+class EMANetwork:
+    """A model's architecture run with other weights (its EMA shadows, by parameter name):
+    consistency distillation's target network, without a second copy of the model."""
+
+    def __init__(self, model, weights: dict[str, torch.Tensor]):
+        self.model, self.weights, self.cfg = model, weights, model_config(model)
+
+    def __call__(self, inputs, t, sc_scale=None, decode=False):
+        kwargs = {"sc_scale": sc_scale, "decode": decode}
+        return functional_call(self.model, self.weights, (inputs, t), kwargs)
+
+
 def student_step(
     z_s: torch.Tensor, x_hat: torch.Tensor, t_s: torch.Tensor, t_t: torch.Tensor, t_eps: float
 ) -> torch.Tensor:
@@ -352,12 +372,12 @@ def pd_inputs(
     noise_scale: float,
     t_eps: float,
     rule: DistillRule = OFFICIAL,
-    student=None,
+    target_net=None,
 ) -> PDInputs:
     """Steps 1-6 of section 8 for every row: z_s, the self-conditioning half, the
     teacher's sub-step integration and the inverted target. x (B, S, C) after label drop.
-    `rule` may change the teacher's sampler and the target (the consistency target
-    needs the `student`)."""
+    `rule` may change the teacher's sampler and the target (the consistency target is
+    `target_net`'s prediction)."""
     t_s, t_t = span_times(draws.u, span)
     z_s = keep_condition(flow.add_noise(x, draws.eps, t_s, noise_scale), x, cond_mask)
     w = draws.sc_scale
@@ -389,7 +409,7 @@ def pd_inputs(
         noise_scale,
     )
     if rule.target == "consistency":
-        target = consistency_target(student, z_end, x_last, t_t, w, x, cond_mask)
+        target = consistency_target(target_net, z_end, x_last, t_t, w, x, cond_mask)
     else:
         target = pd_target(z_s, z_end, t_s, t_t, x_direct)
     return PDInputs(t_s, t_t, z_s, self_cond, times, z_end, target)
@@ -408,6 +428,7 @@ def distill_loss(
     t_eps: float,
     denominator: torch.Tensor | float | None = None,
     rule: DistillRule = OFFICIAL,
+    target_net=None,
 ) -> LossParts:
     """The distillation loss for clean latents x (B, S, C) (before label drop).
 
@@ -416,6 +437,7 @@ def distill_loss(
     loss = sum of per-example losses / denominator (default B: the mean over examples).
     In the returned parts, ce_sum / l2_sum are sums of per-example losses and
     ce_tokens / l2_tokens count EXAMPLES, so the trainer's log means stay means.
+    The consistency target comes from `target_net` (default: the student itself).
     """
     cond_mask, loss_mask = cond_mask.bool(), loss_mask.bool()
     x = drop_labels(x, cond_mask, draws.drop_condition)
@@ -428,7 +450,8 @@ def distill_loss(
     pd_rows = (~is_dec).nonzero().squeeze(1)
     if len(pd_rows):
         sub = (x[pd_rows], cond_mask[pd_rows], draws.rows(pd_rows))
-        pd = pd_inputs(teacher, *sub, span, cfg.noise_scale, t_eps, rule, student)
+        net = target_net if target_net is not None else student
+        pd = pd_inputs(teacher, *sub, span, cfg.noise_scale, t_eps, rule, net)
         z_s = z_s.index_copy(0, pd_rows, pd.z_s)
         self_cond = self_cond.index_copy(0, pd_rows, pd.self_cond)
         target = target.index_copy(0, pd_rows, pd.target)
@@ -545,7 +568,15 @@ class DistillTrainer(Trainer):
             cfg.model.t_eps,
             denominator=denominator,
             rule=self.rule,
+            target_net=self.target_network(),
         )
+
+    def target_network(self):
+        """The consistency target's network: the student's EMA weights (saved and restored
+        with the training state, so resume stays exact) or, None, the student itself."""
+        if self.rule.target != "consistency" or self.rule.target_network != "ema":
+            return None
+        return EMANetwork(self.raw_model, self.ema.shadow)
 
     @property
     def finished(self) -> bool:

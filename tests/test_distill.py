@@ -394,19 +394,12 @@ def test_the_sde_teacher_churns_before_each_sub_step_as_the_sde_sampler():
     t_s, t_t = torch.tensor([0.05, 0.4]), torch.tensor([0.3, 0.65])
     times = teacher_times(t_s, t_t, torch.tensor([[0.2, 0.5], [0.3, 0.9]]))
     no_cond = torch.zeros(B, S, dtype=torch.bool)
-    z_end, _, _ = teacher_trajectory(
-        LinearTeacher(a, C),
-        z_s,
-        torch.zeros_like(z_s),
-        times,
-        torch.ones(B),
-        z_s,
-        no_cond,
-        T_EPS,
-        churn,
-        gamma,
-        s,
-    )
+
+    def end(gamma_):
+        args = (z_s, torch.zeros_like(z_s), times, torch.ones(B), z_s, no_cond, T_EPS)
+        return teacher_trajectory(LinearTeacher(a, C), *args, churn, gamma_, s)[0]
+
+    z_end = end(gamma)
     for b in range(B):
         z = z_s[b]
         for i in range(3):
@@ -415,19 +408,7 @@ def test_the_sde_teacher_churns_before_each_sub_step_as_the_sde_sampler():
             z, t = alpha * z + (1 - alpha) * s * churn[b, i], alpha * t
             z = z + (t_next - t) * (a - 1) * z / (1 - t)
         torch.testing.assert_close(z_end[b], z)
-    ode_end, _, _ = teacher_trajectory(
-        LinearTeacher(a, C),
-        z_s,
-        torch.zeros_like(z_s),
-        times,
-        torch.ones(B),
-        z_s,
-        no_cond,
-        T_EPS,
-        churn,
-        0.0,
-        s,
-    )
+    ode_end = end(0.0)
     plain, _, _ = teacher_trajectory(
         LinearTeacher(a, C), z_s, torch.zeros_like(z_s), times, torch.ones(B), z_s, no_cond, T_EPS
     )

@@ -10,7 +10,10 @@ loopback, bounded in count and in time. Reports:
   - whether every text equals what offline sampling gives for the same seed and prompt
     (goal: all): each distinct (seed, prompt) is sampled again by a `SampleJob`, what
     `elfctl sample --seed S --prompt P` runs, in this process;
-  - time to the first streamed frame against time to the final text, over a few streams.
+  - time to the first streamed frame against time to the final text, over a few streams;
+  - freeing rows: one batch of streams in which half the clients leave at their first frame,
+    against the same batch with every client staying (how soon the others finish, and the
+    rows the server reports freed).
 
     python bench/serve_load.py --repo runs/tiny
     python bench/serve_load.py --repo runs/tiny --requests 2000 --clients 32 --max-batch 32
@@ -148,6 +151,45 @@ def stream_timings(base: str, bodies: list[dict]) -> list[tuple[float, float]]:
     return out
 
 
+def batch_of_streams(base: str, bodies: list[dict], leave: set[int]) -> float:
+    """Send every body as a stream at once; clients in `leave` read one frame and leave.
+    Returns the seconds until every staying client has its final text."""
+    done: dict[int, float] = {}
+    start = time.perf_counter()
+
+    def client(i: int) -> None:
+        body = {**bodies[i], "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                if i in leave:
+                    return  # closes the connection after the first frame
+                if json.loads(line[6:])["choices"][0]["finish_reason"] is not None:
+                    done[i] = time.perf_counter() - start
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    stayed = [i for i in range(len(bodies)) if i not in leave]
+    missing = [i for i in stayed if i not in done]
+    if missing:
+        raise SystemExit(f"{len(missing)} staying streams got no final text")
+    return max(done[i] for i in stayed)
+
+
+def leaving_phase(base: str, body: dict, rows: int) -> dict:
+    """The same batch of `rows` streams twice: every client staying, then half leaving."""
+    bodies = [{**body, "seed": 1000 + i} for i in range(rows)]
+    freed_before = httpx.get(f"{base}/health", timeout=30).json()["freed_rows"]
+    all_stay = batch_of_streams(base, bodies, set())
+    half_leave = batch_of_streams(base, bodies, set(range(0, rows, 2)))
+    freed = httpx.get(f"{base}/health", timeout=30).json()["freed_rows"] - freed_before
+    return {"all_stay": all_stay, "half_leave": half_leave, "freed": freed, "rows": rows}
+
+
 def offline_texts(args, bodies: list[dict], steps: int, length: int) -> dict:
     """(seed, prompt) -> the text `elfctl sample --seed S [--prompt P]` gives as sample 0,
     cut after its prompt as the server's completions are."""
@@ -202,6 +244,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=20)
     parser.add_argument("--time-limit-s", type=float, default=900.0)
     parser.add_argument("--start-timeout-s", type=float, default=600.0)
+    parser.add_argument("--leavers-batch", type=int, default=None, help="default: --max-batch")
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -227,6 +270,7 @@ def main() -> None:
         load = load_phase(base, bodies, args.clients, args.time_limit_s)
         health = httpx.get(f"{base}/health", timeout=30).json()
         streams = stream_timings(base, bodies[: args.streams])
+        leaving = leaving_phase(base, bodies[0], args.leavers_batch or args.max_batch)
     finally:
         proc.terminate()
         proc.wait(120)
@@ -256,6 +300,11 @@ def main() -> None:
     print(
         f"streams ({len(streams)}, one at a time after the load): first frame median "
         f"{statistics.median(first):.3f}s, final text median {statistics.median(final):.3f}s"
+    )
+    print(
+        f"a batch of {leaving['rows']} streams: the staying clients' last final text after "
+        f"{leaving['half_leave']:.2f}s when half leave at their first frame, against "
+        f"{leaving['all_stay']:.2f}s when all stay ({leaving['freed']} rows freed)"
     )
 
 

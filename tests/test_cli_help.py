@@ -86,3 +86,17 @@ def test_eval_help_says_which_config_it_evaluates_with():
     own = "with neither, a run dir (or a checkpoint of ours) is evaluated with the config.yaml"
     assert own in text
     assert "testbed:grammar/scorer" in text
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_square_brackets_in_a_commands_help_are_shown_as_written(command):
+    """`distill.spans[k-1]` or `elfctl[plot]` must not vanish as rich markup."""
+    info = next(
+        c
+        for c in app.registered_commands
+        if (c.name or c.callback.__name__.replace("_", "-")) == command
+    )
+    written = " ".join(filter(None, [info.help, info.epilog])).replace("\\[", "[")
+    text = rendered_help(command)
+    for token in re.findall(r"\[[^\]\s]+\]", written):
+        assert token in text, f"{token} is missing from `elfctl {command} --help`"

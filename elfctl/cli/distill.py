@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from elfctl.cli.app import app, console, handle_errors, out
-from elfctl.cli.options import MixedPrecision, json_flag
+from elfctl.cli.options import MixedPrecision, json_flag, md
 from elfctl.cli.options import TrainCpu as Cpu
 from elfctl.cli.progress import fit_with_progress
 from elfctl.cli.train import LogWith, PrintConfig, resolve_run_config
@@ -16,13 +16,15 @@ from elfctl.config import preset_names
 
 
 @app.command(
-    help=(
+    help=md(
         "Distil a many-step ELF teacher into few-step students (progressive distillation, "
         "docs/method.md section 8).\n\n"
         "Round k trains a student that covers span distill.spans[k-1] in one step against "
         "the frozen teacher's Euler sub-steps. Each round is a normal run directory "
         "RUN_DIR/round_<k> whose checkpoints `elfctl sample` loads; re-running skips "
-        "finished rounds and resumes an unfinished one."
+        "finished rounds and resumes an unfinished one.\n\n"
+        "Beyond the official recipe: --set distill.target=consistency, "
+        "distill.teacher_sampler=sde (docs/distillation.md)."
     ),
     epilog=(
         "Examples:\n\n"

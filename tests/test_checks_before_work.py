@@ -197,6 +197,16 @@ def test_train_refuses_before_writing_the_run_dir(tmp_path, args, message):
     assert not run.exists()
 
 
+def test_a_run_the_time_cap_stops_says_so_and_how_to_go_on(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--run-dir", run, "--cpu", "--max-steps", 50]
+    sets = [x for s in SMALL for x in ("--set", s)] + ["--set", "train.max_minutes=0.0001"]
+    result = invoke(*args, *sets)
+    assert result.exit_code == 0, result.output
+    assert "stopped at step 1 of 50 in" in result.stderr
+    assert "train.max_minutes=0.0001 stopped it: run the same command again" in result.stderr
+
+
 def test_train_on_a_finished_run_says_so_instead_of_a_zero_loss(tmp_path):
     run = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--run-dir", run, "--cpu", "--max-steps", 2]

@@ -700,6 +700,18 @@ def test_distill_command_trains_rounds_whose_students_elfctl_sample_loads(tmp_pa
     assert len((sample_dir / "samples.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_round_the_time_cap_stops_says_so_and_how_to_go_on(tmp_path, teacher_file):
+    from elfctl.cli import app
+
+    path, _ = teacher_file
+    args = ["distill", "--preset", "tiny", "--teacher", str(path), "--run-dir", str(tmp_path)]
+    args += [a for s in SMALL for a in ("--set", s)] + ["--max-steps", "5", "--cpu"]
+    result = CliRunner().invoke(app, args + ["--set", "train.max_minutes=0.0001"])
+    assert result.exit_code == 0, result.output
+    assert "round 1: stopped at step 1/3" in result.output  # SMALL: 3 steps a round
+    assert "train.max_minutes=0.0001 stopped it: run the same command again" in result.output
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

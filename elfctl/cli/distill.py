@@ -11,7 +11,7 @@ from elfctl.cli.app import app, console, handle_errors, out
 from elfctl.cli.options import MixedPrecision, json_flag, md
 from elfctl.cli.options import TrainCpu as Cpu
 from elfctl.cli.progress import fit_with_progress
-from elfctl.cli.train import LogWith, PrintConfig, resolve_run_config
+from elfctl.cli.train import LogWith, PrintConfig, resolve_run_config, time_cap_note
 from elfctl.config import preset_names
 
 
@@ -130,7 +130,8 @@ def distill(
         console.print(
             f"round {r.round}: {state} at step {r.step}/{r.total_steps} in "
             f"{r.result.seconds:.0f}s, loss {rec.get('loss', 0):.4f} "
-            f"(pd {rec.get('l2', 0):.4f}, ce {rec.get('ce', 0):.4f}); student in {r.run_dir}",
+            f"(pd {rec.get('l2', 0):.4f}, ce {rec.get('ce', 0):.4f}); student in {r.run_dir}"
+            + time_cap_note(r.step, r.total_steps, cfg.train.max_minutes),
             highlight=False,
         )
     if json_out:

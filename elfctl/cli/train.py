@@ -83,20 +83,35 @@ def print_prepared_rows(corpus: str, prepared) -> None:
     )
 
 
-def _done_line(result, rec: dict, run_dir: Path, start_step: int, l2: str = "l2") -> str:
-    """The closing line. A run with nothing left to train says so, and one that logged no
-    loss shows none (rather than a made-up 0.0000)."""
-    where = f"checkpoints in {run_dir}/checkpoints"
+def time_cap_note(step: int, total: int, max_minutes: float | None) -> str:
+    """What a run that stopped before its last step adds to its closing line: the time cap
+    stopped it, and the same command goes on ("" for a finished run)."""
+    if step >= total:
+        return ""
+    return (
+        f"; train.max_minutes={max_minutes:g} stopped it: run the same command again to go "
+        "on (or --set train.max_minutes=null)"
+    )
+
+
+def _done_line(
+    result, rec: dict, run_dir: Path, start_step: int, total: int, max_minutes: float | None
+) -> str:
+    """The closing line. A run with nothing left to train says so, one that logged no
+    loss shows none (rather than a made-up 0.0000), and one the time cap stopped says so."""
+    where = f"checkpoints in {run_dir}/checkpoints" + time_cap_note(result.step, total, max_minutes)
     if result.step <= start_step:
         return (
             f"already finished: step {result.step}, nothing left to train (raise --max-steps "
             f"to go on); {where}"
         )
+    state = "done: step" if result.step >= total else "stopped at step"
+    ran = f"{state} {result.step}" + ("" if result.step >= total else f" of {total}")
     if not rec:
-        return f"done: step {result.step} in {result.seconds:.0f}s (no loss logged yet); {where}"
+        return f"{ran} in {result.seconds:.0f}s (no loss logged yet); {where}"
     return (
-        f"done: step {result.step} in {result.seconds:.0f}s, loss {rec['loss']:.4f} "
-        f"({l2} {rec['l2']:.4f}, ce {rec['ce']:.4f}); {where}"
+        f"{ran} in {result.seconds:.0f}s, loss {rec['loss']:.4f} "
+        f"(l2 {rec['l2']:.4f}, ce {rec['ce']:.4f}); {where}"
     )
 
 
@@ -200,7 +215,10 @@ def train(
     result = fit_with_progress(trainer) if main else trainer.fit()
     if main:
         rec = result.last_record or {}
-        console.print(_done_line(result, rec, run_dir, start_step), highlight=False)
+        line = _done_line(
+            result, rec, run_dir, start_step, trainer.total_steps, cfg.train.max_minutes
+        )
+        console.print(line, highlight=False)
         if json_out:
             out.print_json(
                 json.dumps(

@@ -267,7 +267,7 @@ def speed(args) -> None:
         ("tiny (length 16)", resolve("tiny").model, 16, args.batch_size),
         ("ELF-B (length 128, random)", ModelConfig(), 128, args.elf_b_batch),
     ]
-    print(f"time per forward, {torch.get_num_threads()} thread(s), CPU, fp32 (machine busy)")
+    print(f"time per forward, {torch.get_num_threads()} thread(s), CPU, fp32")
     print("| net | batch | sampler | steps | forwards (+1 decode) | s per call | ms per forward |")
     print("|---|---|---|---|---|---|---|")
     for label, config, length, batch in shapes:
@@ -321,7 +321,7 @@ def overhead(args) -> None:
         ("tiny (length 16)", resolve("tiny").model.latent_dim, 16, args.batch_size),
         ("ELF-B (length 128)", ModelConfig().latent_dim, 128, args.elf_b_batch),
     ]
-    print(f"time outside the network, {torch.get_num_threads()} thread(s), CPU (machine busy)")
+    print(f"time outside the network, {torch.get_num_threads()} thread(s), CPU")
     print("| shape | batch | sampler | steps | forwards | ms per step outside the network |")
     print("|---|---|---|---|---|---|")
     for label, width, length, batch in shapes:
